@@ -7,6 +7,7 @@ end-of-turn token that the reward is read at. Truncation always keeps the end of
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -92,17 +93,19 @@ def parse_hh_transcript(transcript: str) -> list[Message]:
 def split_hh_pair(chosen: str, rejected: str) -> tuple[list[Message], str, str]:
     """Split an HH-RLHF pair into (shared prompt messages, chosen response, rejected response).
 
-    The prompt is the dialogue up to the final Assistant turn of each side; the two prompts must agree.
+    The prompt is the dialogue the two transcripts share, up to the last "\n\nAssistant:" inside
+    their common prefix; each response is what follows that marker on its side.
     """
-    c, r = parse_hh_transcript(chosen), parse_hh_transcript(rejected)
-    for name, msgs in (("chosen", c), ("rejected", r)):
-        if msgs[-1]["role"] != "assistant":
-            raise FormattingError(f"{name} transcript does not end with an Assistant turn", name)
-        if len(msgs) < 2:
-            raise FormattingError(f"{name} transcript has no prompt before the final Assistant turn", name)
-    if c[:-1] != r[:-1]:
-        raise FormattingError("chosen and rejected transcripts do not share their dialogue", "rejected")
-    return c[:-1], c[-1]["content"], r[-1]["content"]
+    marker = "\n\nAssistant:"
+    n = len(os.path.commonprefix([chosen, rejected]))
+    cut = chosen.rfind(marker, 0, n)
+    if cut < 0:
+        raise FormattingError("chosen and rejected share no dialogue up to an Assistant turn", "rejected")
+    prompt = parse_hh_transcript(chosen[:cut])
+    if prompt[-1]["role"] != "user":
+        raise FormattingError("the shared dialogue does not end with a Human turn", "chosen")
+    start = cut + len(marker)
+    return prompt, chosen[start:].strip(), rejected[start:].strip()
 
 
 def _plain_render(messages: Sequence[Message]) -> str:

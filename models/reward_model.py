@@ -246,7 +246,9 @@ class RewardModel(nn.Module):
         if not d.is_dir():
             raise ModelDirError(f"model directory {d} does not exist")
         cfg = read_config(d)
-        missing = [n for n in (CONFIG_NAME, "config.json", BODY_WEIGHTS, HEAD_WEIGHTS) if not (d / n).is_file()]
+        missing = [
+            n for n in (CONFIG_NAME, "config.json", BODY_WEIGHTS, HEAD_WEIGHTS) if not (d / n).is_file()
+        ]
         if not ((d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file()):
             missing.append("tokenizer.json")
         if missing:
@@ -266,7 +268,10 @@ class RewardModel(nn.Module):
             )
         try:
             body = AutoModel.from_pretrained(
-                str(d), config=body_cfg, dtype=resolve_dtype(dtype), use_safetensors=True,
+                str(d),
+                config=body_cfg,
+                dtype=resolve_dtype(dtype),
+                use_safetensors=True,
                 trust_remote_code=trust_remote_code,
             )
         except Exception as e:
@@ -297,5 +302,7 @@ def read_config(model_dir: str | Path) -> RewardConfig:
     if not isinstance(raw, dict):
         raise ModelDirError(f"{p} must hold a JSON object")
     if raw.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-        raise ModelDirError(f"{p} has format_version {raw['format_version']}; this rmserve reads {FORMAT_VERSION}")
+        raise ModelDirError(
+            f"{p} has format_version {raw['format_version']}; this rmserve reads {FORMAT_VERSION}"
+        )
     return RewardConfig.from_dict(raw)

@@ -1,0 +1,235 @@
+"""Evaluation of a reward model on comparison data (`rmserve eval`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.data import FORMATS, RankedExample, read_file
+from models.formatting import Formatter
+from models.reward_model import RewardModel, collate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    """The token ids of each response of one example (same order as example.responses)."""
+
+    example: RankedExample
+    seqs: list[list[int]]
+    prompt_lens: list[int]
+    truncated: list[bool]
+
+
+def encode_examples(formatter: Formatter, examples: Sequence[RankedExample]) -> list[EncodedExample]:
+    out = []
+    for ex in examples:
+        enc = [formatter.encode(ex.prompt, r) for r in ex.responses]
+        out.append(
+            EncodedExample(ex, [e.ids for e in enc], [e.prompt_len for e in enc], [e.truncated for e in enc])
+        )
+    return out
+
+
+def length_batches(lengths: Sequence[int], batch_tokens: int, max_seqs: int = 256) -> list[list[int]]:
+    """Indices grouped into batches whose padded cost (longest x count) stays under `batch_tokens`."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        if cur and (lengths[i] * (len(cur) + 1) > batch_tokens or len(cur) >= max_seqs):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+@torch.inference_mode()
+def score_sequences(
+    model: RewardModel,
+    seqs: Sequence[Sequence[int]],
+    pad_id: int,
+    *,
+    batch_tokens: int = 16384,
+    autocast_dtype: torch.dtype | None = None,
+) -> list[float]:
+    """Rewards for token id lists in input order (length-sorted batches under a token budget)."""
+    out = [0.0] * len(seqs)
+    for idx in length_batches([len(s) for s in seqs], batch_tokens):
+        ids, mask = collate([seqs[i] for i in idx], pad_id, "right", model.device)
+        with torch.autocast(model.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            rewards = model(ids, mask).float().tolist()
+        for i, r in zip(idx, rewards, strict=True):
+            out[i] = r
+    return out
+
+
+def score_encoded(
+    model: RewardModel,
+    encoded: Sequence[EncodedExample],
+    pad_id: int,
+    *,
+    batch_tokens: int = 16384,
+    autocast_dtype: torch.dtype | None = None,
+) -> list[list[float]]:
+    flat = [s for e in encoded for s in e.seqs]
+    flat_scores = score_sequences(
+        model, flat, pad_id, batch_tokens=batch_tokens, autocast_dtype=autocast_dtype
+    )
+    out, k = [], 0
+    for e in encoded:
+        out.append(flat_scores[k : k + len(e.seqs)])
+        k += len(e.seqs)
+    return out
+
+
+def kendall_tau(ranks: Sequence[int], scores: Sequence[float]) -> float | None:
+    """Kendall tau between human ranks (0 = best) and scores; pairs tied in rank are left out."""
+    conc = disc = total = 0
+    for i in range(len(ranks)):
+        for j in range(i + 1, len(ranks)):
+            if ranks[i] == ranks[j]:
+                continue
+            total += 1
+            human = 1 if ranks[i] < ranks[j] else -1  # i better than j
+            s = scores[i] - scores[j]
+            if s * human > 0:
+                conc += 1
+            elif s * human < 0:
+                disc += 1
+    return (conc - disc) / total if total else None
+
+
+def metrics_from_scores(
+    examples: Sequence[RankedExample], scores: Sequence[Sequence[float]]
+) -> dict[str, Any]:
+    """Pair accuracy (score ties count 0.5), mean margin, per subset, Kendall tau for lists with K > 2,
+    and accuracy on the pairs whose better response is the shorter one (a length-bias check)."""
+    hits = 0.0
+    n = 0
+    margin_sum = 0.0
+    by_subset: dict[str, list[float]] = defaultdict(list)
+    shorter_hits: list[float] = []
+    taus: list[float] = []
+    for ex, sc in zip(examples, scores, strict=True):
+        pairs = ex.pairs()
+        if not pairs and len(set(ex.responses)) == 1:
+            # Identical sides (e.g. HH pairs with chosen == rejected): a tie by construction.
+            by_subset[ex.subset].append(0.5)
+            hits += 0.5
+            n += 1
+            continue
+        for w, lo in pairs:
+            d = sc[w] - sc[lo]
+            h = 1.0 if d > 0 else 0.5 if d == 0 else 0.0
+            hits += h
+            n += 1
+            margin_sum += d
+            by_subset[ex.subset].append(h)
+            if len(ex.responses[w]) < len(ex.responses[lo]):
+                shorter_hits.append(h)
+        if len(ex.responses) > 2:
+            t = kendall_tau(ex.ranks, sc)
+            if t is not None:
+                taus.append(t)
+    out: dict[str, Any] = {
+        "examples": len(examples),
+        "pairs": n,
+        "accuracy": hits / n if n else None,
+        "mean_margin": margin_sum / n if n else None,
+        "subsets": {
+            k: {"pairs": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(by_subset.items()) if k
+        },
+        "accuracy_when_better_is_shorter": sum(shorter_hits) / len(shorter_hits) if shorter_hits else None,
+        "pairs_better_is_shorter": len(shorter_hits),
+    }
+    if taus:
+        out["kendall_tau"] = sum(taus) / len(taus)
+        out["ranked_lists"] = len(taus)
+    return out
+
+
+def evaluate_examples(
+    model: RewardModel,
+    tokenizer: Any,
+    examples: Sequence[RankedExample],
+    *,
+    batch_tokens: int = 16384,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[dict[str, Any], list[list[float]]]:
+    encoded = encode_examples(model.formatter(tokenizer), examples)
+    scores = score_encoded(
+        model, encoded, tokenizer.pad_token_id, batch_tokens=batch_tokens, autocast_dtype=autocast_dtype
+    )
+    return metrics_from_scores(examples, scores), scores
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--data", nargs="+", required=True, help="comparison files (JSONL or .jsonl.gz)")
+    p.add_argument("--format", choices=FORMATS, default=None, help="data format (default: detected)")
+    p.add_argument(
+        "--dev-only", action="store_true", help="score only the dev split recorded in the model card"
+    )
+    p.add_argument(
+        "--dev-fraction", type=float, default=None, help="dev split fraction (default: the model's)"
+    )
+    p.add_argument("--seed", type=int, default=None, help="split seed (default: the model's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="inference dtype")
+    p.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per forward pass")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count malformed lines")
+    p.add_argument("--plots", default=None, help="write PNG plots to this folder")
+    p.add_argument("--json", action="store_true", help="print one JSON object on the last line of stdout")
+
+
+def main(args: argparse.Namespace) -> int:
+    from models.data import split_dev
+
+    model, tok = RewardModel.load(args.model, dtype=args.dtype, device=args.device)
+    training = model.config.training or {}
+    result: dict[str, Any] = {"model": str(args.model), "files": {}}
+    hits_all = 0.0
+    pairs_all = 0
+    all_examples: list[RankedExample] = []
+    all_scores: list[list[float]] = []
+    for path in args.data:
+        examples, _stats = read_file(path, args.format, skip_bad=args.skip_bad, drop_identical=False)
+        if args.dev_only:
+            frac = args.dev_fraction if args.dev_fraction is not None else training.get("dev_fraction", 0.05)
+            seed = args.seed if args.seed is not None else training.get("seed", 0)
+            _, examples = split_dev(examples, frac, seed)
+        metrics, scores = evaluate_examples(model, tok, examples, batch_tokens=args.batch_tokens)
+        result["files"][Path(path).name] = metrics
+        if metrics["pairs"]:
+            hits_all += metrics["accuracy"] * metrics["pairs"]
+            pairs_all += metrics["pairs"]
+        all_examples.extend(examples)
+        all_scores.extend(scores)
+        log.info("%s: %d pairs, accuracy %.4f", Path(path).name, metrics["pairs"], metrics["accuracy"] or 0.0)
+    result["pairs"] = pairs_all
+    result["accuracy"] = hits_all / pairs_all if pairs_all else None
+    if args.plots:
+        from models.plots import eval_plots
+
+        result["plots"] = [str(p) for p in eval_plots(all_examples, all_scores, args.plots)]
+    for name, m in result["files"].items():
+        print(
+            f"{name:45s} pairs {m['pairs']:6d}  accuracy {m['accuracy'] if m['accuracy'] is not None else float('nan'):.4f}"
+        )
+    print(f"{'all':45s} pairs {pairs_all:6d}  accuracy {result['accuracy'] or float('nan'):.4f}")
+    if args.json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    return 0
