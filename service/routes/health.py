@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.errors import NotReady
+from service.routes.deps import ERRORS, OPEN, SCORING, StateDep
+from service.schemas import ModelCard, ModelList
+
+router = APIRouter(tags=["health"], responses=ERRORS)
+
+
+@router.get("/health", dependencies=OPEN)
+async def health() -> dict[str, str]:
+    """Alive (the process answers)."""
+    return {"status": "ok"}
+
+
+@router.get("/ready", dependencies=OPEN)
+async def ready(state: StateDep) -> JSONResponse:
+    """200 once the model is loaded and warmed up and the runtime is not failing; 503 otherwise."""
+    if not state.ready or state.batcher is None:
+        raise NotReady("the model is loading")
+    if state.batcher.consecutive_failures >= state.settings.unhealthy_after_failures:
+        raise NotReady(f"the last {state.batcher.consecutive_failures} forward passes failed", code="runtime_failing")
+    return JSONResponse({"status": "ready", "model": state.card["id"] if state.card else None,
+                         "queued": state.batcher.queued})
+
+
+@router.get("/metrics", dependencies=OPEN)
+async def metrics(state: StateDep) -> Response:
+    """Prometheus metrics, prefix rmserve_."""
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/models", response_model=ModelList, dependencies=SCORING)
+async def models(state: StateDep) -> ModelList:
+    """The served model: backbone, parameters, max length, dtype, runtime, normalization, training metrics."""
+    if state.card is None:
+        raise NotReady("the model is loading")
+    return ModelList(data=[ModelCard(**state.card)])

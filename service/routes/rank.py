@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import math
+
+from fastapi import APIRouter, Request
+
+from service.app import until_disconnected
+from service.routes.deps import ERRORS, SCORING, EngineDep, prompt_value
+from service.schemas import RankRequest, Ranked, RankResponse, Usage
+
+router = APIRouter(tags=["scoring"], dependencies=SCORING, responses=ERRORS)
+
+
+def softmax(xs: list[float], temperature: float) -> list[float]:
+    z = [x / temperature for x in xs]
+    m = max(z)
+    e = [math.exp(v - m) for v in z]
+    s = sum(e)
+    return [v / s for v in e]
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+
+
+@router.post("/v1/rank", response_model=RankResponse, response_model_exclude_none=True)
+async def rank(req: RankRequest, engine: EngineDep, request: Request) -> RankResponse:
+    """Rank responses best first; probability = softmax(score / temperature), the chance each is best
+    under Bradley-Terry; with return_pairwise, P(i better than j) = sigmoid(r_i - r_j)."""
+    engine.check_normalize(req.normalize)
+    engine.check_count(len(req.responses), "responses")
+    p = prompt_value(req.prompt)
+    engine.check_prompt(p, "prompt")
+    for i, r in enumerate(req.responses):
+        engine.check_text(r, f"responses[{i}]")
+    pairs = [(p, r, f"responses[{i}]") for i, r in enumerate(req.responses)]
+    scored = await until_disconnected(request, engine.run(engine.encode_pairs(pairs)))
+    scores = engine.normalize(scored.scores, req.normalize)
+    probs = softmax(scores, req.temperature)
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[: req.top_n]
+    pairwise = [[sigmoid(a - b) for b in scores] for a in scores] if req.return_pairwise else None
+    return RankResponse(model=engine.model_id, ranking=[Ranked(index=i, score=scores[i], probability=probs[i])
+                                                        for i in order],
+                        pairwise=pairwise, usage=Usage(tokens=scored.tokens))

@@ -1,0 +1,1 @@
+"""Inference runtimes: a small protocol and its torch and ONNX Runtime implementations."""

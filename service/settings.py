@@ -1,0 +1,43 @@
+"""Service settings: every field from RMSERVE_* environment variables or CLI flags, checked at start-up."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RMSERVE_", extra="ignore", protected_namespaces=())
+
+    model: str | None = Field(None, description="model directory; unset = the assembled default model")
+    model_id: str | None = Field(None, description="name reported in responses (default: the folder name)")
+    runtime: Literal["torch", "onnx"] = Field("torch", description="inference runtime")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="torch runtime dtype; auto = bf16 where the hardware runs it natively, else fp32"
+    )
+    device: str = Field("cpu", description="cpu or cuda")
+    threads: int | None = Field(None, ge=1, description="intra-op threads (default: the cores available)")
+    host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 exposes the service and must be explicit")
+    port: int = Field(8000, ge=1, le=65535)
+    api_key: SecretStr | None = Field(None, description="when set, scoring routes need 'Authorization: Bearer KEY'")
+    auth_open_routes: bool = Field(False, description="also require the key on /health, /ready and /metrics")
+
+    max_batch_tokens: int = Field(16384, ge=64, description="padded tokens (longest x count) per forward pass")
+    max_batch_size: int = Field(64, ge=1, description="sequences per forward pass")
+    max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits for more work once the model is idle")
+    max_queued: int = Field(2048, ge=1, description="sequences waiting at most; beyond it 429 at once")
+    max_responses: int = Field(64, ge=1, description="responses (or items, or queries) per request")
+    max_chars: int = Field(200_000, ge=1, description="characters per text (prompt, message, response)")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="request body size; beyond it 413")
+    request_timeout_s: float = Field(60.0, gt=0, description="per-request deadline; past it 504")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 429")
+    unhealthy_after_failures: int = Field(3, ge=1, description="consecutive failed batches before /ready says 503")
+    log_texts: bool = Field(False, description="log request texts (debug only; off by default)")
+    trust_remote_code: bool = Field(False, description="allow a model's own Python code (off: never run it)")
+
+    @field_validator("model", "model_id")
+    @classmethod
+    def _empty_is_none(cls, v: str | None) -> str | None:
+        return v or None
