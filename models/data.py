@@ -69,9 +69,7 @@ def _open_text(path: Path) -> Any:
 
 
 def detect_format(record: dict[str, Any]) -> str:
-    if "message_tree_id" in record or (
-        isinstance(record.get("prompt"), dict) and "replies" in record["prompt"]
-    ):
+    if "message_tree_id" in record or (isinstance(record.get("prompt"), dict) and "replies" in record["prompt"]):
         return "oasst"
     if "responses" in record:
         return "ranked"
@@ -219,12 +217,11 @@ def read_file(
                 continue
             for ex in parsed:
                 ex.source = where
-                if drop_identical:
-                    ex = _drop_identical(ex, stats)
-                    if ex is None:
-                        continue
-                examples.append(ex)
-                stats.pairs += len(ex.pairs())
+                kept = _drop_identical(ex, stats) if drop_identical else ex
+                if kept is None:
+                    continue
+                examples.append(kept)
+                stats.pairs += len(kept.pairs())
     stats.examples = len(examples)
     if stats.skipped_bad:
         log.warning("%s: skipped %d bad line(s), first: %s", p, stats.skipped_bad, stats.bad[0])
@@ -303,7 +300,8 @@ def split_dev(
     """Deterministic train/dev split by a hash of the prompt (one prompt never lands on both sides)."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"dev fraction must be in [0, 1), got {fraction}")
-    train, dev = [], []
+    train: list[RankedExample] = []
+    dev: list[RankedExample] = []
     for ex in examples:
         h = hashlib.sha256(f"{seed}\x00{ex.prompt_key()}".encode()).digest()
         u = int.from_bytes(h[:8], "big") / 2**64

@@ -35,9 +35,7 @@ def encode_examples(formatter: Formatter, examples: Sequence[RankedExample]) -> 
     out = []
     for ex in examples:
         enc = [formatter.encode(ex.prompt, r) for r in ex.responses]
-        out.append(
-            EncodedExample(ex, [e.ids for e in enc], [e.prompt_len for e in enc], [e.truncated for e in enc])
-        )
+        out.append(EncodedExample(ex, [e.ids for e in enc], [e.prompt_len for e in enc], [e.truncated for e in enc]))
     return out
 
 
@@ -85,9 +83,7 @@ def score_encoded(
     autocast_dtype: torch.dtype | None = None,
 ) -> list[list[float]]:
     flat = [s for e in encoded for s in e.seqs]
-    flat_scores = score_sequences(
-        model, flat, pad_id, batch_tokens=batch_tokens, autocast_dtype=autocast_dtype
-    )
+    flat_scores = score_sequences(model, flat, pad_id, batch_tokens=batch_tokens, autocast_dtype=autocast_dtype)
     out, k = [], 0
     for e in encoded:
         out.append(flat_scores[k : k + len(e.seqs)])
@@ -112,9 +108,7 @@ def kendall_tau(ranks: Sequence[int], scores: Sequence[float]) -> float | None:
     return (conc - disc) / total if total else None
 
 
-def metrics_from_scores(
-    examples: Sequence[RankedExample], scores: Sequence[Sequence[float]]
-) -> dict[str, Any]:
+def metrics_from_scores(examples: Sequence[RankedExample], scores: Sequence[Sequence[float]]) -> dict[str, Any]:
     """Pair accuracy (score ties count 0.5), mean margin, per subset, Kendall tau for lists with K > 2,
     and accuracy on the pairs whose better response is the shorter one (a length-bias check)."""
     hits = 0.0
@@ -149,9 +143,7 @@ def metrics_from_scores(
         "pairs": n,
         "accuracy": hits / n if n else None,
         "mean_margin": margin_sum / n if n else None,
-        "subsets": {
-            k: {"pairs": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(by_subset.items()) if k
-        },
+        "subsets": {k: {"pairs": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(by_subset.items()) if k},
         "accuracy_when_better_is_shorter": sum(shorter_hits) / len(shorter_hits) if shorter_hits else None,
         "pairs_better_is_shorter": len(shorter_hits),
     }
@@ -180,12 +172,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--data", nargs="+", required=True, help="comparison files (JSONL or .jsonl.gz)")
     p.add_argument("--format", choices=FORMATS, default=None, help="data format (default: detected)")
-    p.add_argument(
-        "--dev-only", action="store_true", help="score only the dev split recorded in the model card"
-    )
-    p.add_argument(
-        "--dev-fraction", type=float, default=None, help="dev split fraction (default: the model's)"
-    )
+    p.add_argument("--dev-only", action="store_true", help="score only the dev split recorded in the model card")
+    p.add_argument("--dev-fraction", type=float, default=None, help="dev split fraction (default: the model's)")
     p.add_argument("--seed", type=int, default=None, help="split seed (default: the model's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="inference dtype")
@@ -226,9 +214,7 @@ def main(args: argparse.Namespace) -> int:
 
         result["plots"] = [str(p) for p in eval_plots(all_examples, all_scores, args.plots)]
     for name, m in result["files"].items():
-        print(
-            f"{name:45s} pairs {m['pairs']:6d}  accuracy {m['accuracy'] if m['accuracy'] is not None else float('nan'):.4f}"
-        )
+        print(f"{name:45s} pairs {m['pairs']:6d}  accuracy {m['accuracy'] or float('nan'):.4f}")
     print(f"{'all':45s} pairs {pairs_all:6d}  accuracy {result['accuracy'] or float('nan'):.4f}")
     if args.json:
         sys.stdout.write(json.dumps(result) + "\n")

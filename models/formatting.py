@@ -7,7 +7,6 @@ end-of-turn token that the reward is read at. Truncation always keeps the end of
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -49,9 +48,7 @@ def normalize_prompt(prompt: Prompt, param: str = "prompt") -> list[Message]:
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
     if not isinstance(prompt, Sequence):
-        raise FormattingError(
-            f"{param} must be a string or a list of messages, got {type(prompt).__name__}", param
-        )
+        raise FormattingError(f"{param} must be a string or a list of messages, got {type(prompt).__name__}", param)
     messages: list[Message] = []
     for i, m in enumerate(prompt):
         where = f"{param}[{i}]"
@@ -66,9 +63,7 @@ def normalize_prompt(prompt: Prompt, param: str = "prompt") -> list[Message]:
     if not messages:
         raise FormattingError(f"{param} is an empty message list; give at least one message", param)
     if messages[-1]["role"] == "assistant":
-        raise FormattingError(
-            f"{param} ends with an assistant turn; the response to score is given separately", param
-        )
+        raise FormattingError(f"{param} ends with an assistant turn; the response to score is given separately", param)
     return messages
 
 
@@ -97,7 +92,9 @@ def split_hh_pair(chosen: str, rejected: str) -> tuple[list[Message], str, str]:
     their common prefix; each response is what follows that marker on its side.
     """
     marker = "\n\nAssistant:"
-    n = len(os.path.commonprefix([chosen, rejected]))
+    n = next(
+        (i for i, (a, b) in enumerate(zip(chosen, rejected, strict=False)) if a != b), min(len(chosen), len(rejected))
+    )
     cut = chosen.rfind(marker, 0, n)
     if cut < 0:
         raise FormattingError("chosen and rejected share no dialogue up to an Assistant turn", "rejected")
@@ -139,9 +136,7 @@ class Formatter:
     def render(self, messages: Sequence[Message], response: str) -> tuple[str, str]:
         """Return (prompt text, response text) whose concatenation is the full sequence's text."""
         if self.has_template:
-            prompt_text = self.tokenizer.apply_chat_template(
-                list(messages), tokenize=False, add_generation_prompt=True
-            )
+            prompt_text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
             full = self.tokenizer.apply_chat_template(
                 [*messages, {"role": "assistant", "content": response}], tokenize=False
             )
@@ -215,8 +210,7 @@ class Formatter:
             return Encoded(ids, 0, False)
         if self.truncation == "error":
             raise FormattingError(
-                f"{param} is {len(ids):,} tokens; max_length is {self.max_length:,} and "
-                "truncation='error' was asked",
+                f"{param} is {len(ids):,} tokens; max_length is {self.max_length:,} and truncation='error' was asked",
                 param,
             )
         return Encoded(ids[-self.max_length :], 0, True)

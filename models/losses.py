@@ -30,9 +30,7 @@ def pairwise_loss(
     per_pair = -F.logsigmoid(diff - m)  # (P,)
     g = int(group.max().item()) + 1
     sums = torch.zeros(g, dtype=per_pair.dtype, device=per_pair.device).index_add(0, group, per_pair)
-    counts = torch.zeros(g, dtype=per_pair.dtype, device=per_pair.device).index_add(
-        0, group, torch.ones_like(per_pair)
-    )
+    counts = torch.zeros(g, dtype=per_pair.dtype, device=per_pair.device).index_add(0, group, torch.ones_like(per_pair))
     loss = (sums / counts.clamp(min=1)).mean()
     acc = ((diff > 0).float() + 0.5 * (diff == 0).float()).mean()
     return loss, acc.detach()

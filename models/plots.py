@@ -35,9 +35,7 @@ def training_curves(history: Sequence[dict[str, Any]], path: str | Path) -> Path
     return Path(path)
 
 
-def eval_plots(
-    examples: Sequence[RankedExample], scores: Sequence[Sequence[float]], out_dir: str | Path
-) -> list[Path]:
+def eval_plots(examples: Sequence[RankedExample], scores: Sequence[Sequence[float]], out_dir: str | Path) -> list[Path]:
     """Chosen vs rejected histograms, calibration of sigmoid(r_w - r_l), accuracy by length bucket."""
     import math
 

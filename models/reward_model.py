@@ -98,7 +98,9 @@ class RewardModel(nn.Module):
     The head stays in float32 whatever the body's dtype, so rewards are read out at full precision.
     """
 
-    def __init__(self, body: nn.Module, config: RewardConfig, head: nn.Linear | None = None) -> None:
+    body: Any  # a transformers PreTrainedModel body (or a peft wrapper of one while training LoRA)
+
+    def __init__(self, body: Any, config: RewardConfig, head: nn.Linear | None = None) -> None:
         super().__init__()
         self.body = body
         self.config = config
@@ -128,7 +130,7 @@ class RewardModel(nn.Module):
     @classmethod
     def from_body(
         cls,
-        body: nn.Module,
+        body: Any,
         tokenizer: Any,
         info: BackboneInfo | None = None,
         *,
@@ -246,9 +248,7 @@ class RewardModel(nn.Module):
         if not d.is_dir():
             raise ModelDirError(f"model directory {d} does not exist")
         cfg = read_config(d)
-        missing = [
-            n for n in (CONFIG_NAME, "config.json", BODY_WEIGHTS, HEAD_WEIGHTS) if not (d / n).is_file()
-        ]
+        missing = [n for n in (CONFIG_NAME, "config.json", BODY_WEIGHTS, HEAD_WEIGHTS) if not (d / n).is_file()]
         if not ((d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file()):
             missing.append("tokenizer.json")
         if missing:
@@ -291,6 +291,35 @@ class RewardModel(nn.Module):
         return model, tokenizer
 
 
+def check_model_dir(model_dir: str | Path) -> RewardConfig:
+    """Check a model directory without loading weights: every file present, headers readable.
+
+    Raises ModelDirError naming the first missing or corrupt file.
+    """
+    from safetensors import safe_open
+
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise ModelDirError(f"model directory {d} does not exist")
+    cfg = read_config(d)
+    missing = [n for n in ("config.json", BODY_WEIGHTS, HEAD_WEIGHTS) if not (d / n).is_file()]
+    if not ((d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file()):
+        missing.append("tokenizer.json")
+    if missing:
+        raise ModelDirError(f"model directory {d} is missing {', '.join(missing)}")
+    try:
+        json.loads((d / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelDirError(f"{d / 'config.json'} is not valid JSON: {e}") from e
+    for name in (BODY_WEIGHTS, HEAD_WEIGHTS):
+        try:
+            with safe_open(str(d / name), framework="pt") as f:
+                list(f.keys())
+        except Exception as e:
+            raise ModelDirError(f"{d / name} is corrupt: {e}") from e
+    return cfg
+
+
 def read_config(model_dir: str | Path) -> RewardConfig:
     p = Path(model_dir) / CONFIG_NAME
     if not p.is_file():
@@ -302,7 +331,5 @@ def read_config(model_dir: str | Path) -> RewardConfig:
     if not isinstance(raw, dict):
         raise ModelDirError(f"{p} must hold a JSON object")
     if raw.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-        raise ModelDirError(
-            f"{p} has format_version {raw['format_version']}; this rmserve reads {FORMAT_VERSION}"
-        )
+        raise ModelDirError(f"{p} has format_version {raw['format_version']}; this rmserve reads {FORMAT_VERSION}")
     return RewardConfig.from_dict(raw)

@@ -46,7 +46,7 @@ class TrainConfig:
     method: str = "top-n"  # full | top-n | lora
     top_n: int = 4  # with top-n: how many of the last transformer layers train (plus final norm and head)
     lora_rank: int = 16  # with lora: adapter rank
-    lora_alpha: float = 32.0  # with lora: adapter scale numerator
+    lora_alpha: int = 32  # with lora: adapter scale numerator
     loss: str = "pairwise"  # pairwise (InstructGPT) | listwise (Plackett-Luce)
     center_coef: float = 0.0  # reward-centering term coefficient (coef * mean(r^2))
     max_length: int = 512  # tokens per response sequence, prompt included (oldest prompt cut first)
@@ -81,7 +81,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=["full", "top-n", "lora"], default=d.method)
     p.add_argument("--top-n", type=int, default=d.top_n, help="layers trained with --method top-n")
     p.add_argument("--lora-rank", type=int, default=d.lora_rank)
-    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
+    p.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
     p.add_argument("--loss", choices=["pairwise", "listwise"], default=d.loss)
     p.add_argument("--center-coef", type=float, default=d.center_coef, help="reward-centering coefficient")
     p.add_argument("--max-length", type=int, default=d.max_length)
@@ -154,9 +154,7 @@ def apply_method(model: RewardModel, cfg: TrainConfig) -> None:
     elif cfg.method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        lcfg = LoraConfig(
-            r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear"
-        )
+        lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear")
         model.body = get_peft_model(model.body, lcfg)
     else:
         raise ValueError(f"--method {cfg.method!r} is unknown; use full, top-n or lora")
@@ -165,7 +163,7 @@ def apply_method(model: RewardModel, cfg: TrainConfig) -> None:
     model.head.bias.requires_grad_(cfg.center_coef > 0)
 
 
-def merge_method(model: RewardModel, cfg: TrainConfig) -> None:
+def merge_method(model: Any, cfg: TrainConfig) -> None:
     if cfg.method == "lora":
         model.body = model.body.merge_and_unload()
 
@@ -311,9 +309,7 @@ def load_checkpoint(
     params = dict(model.named_parameters())
     missing = [n for n in trained if n not in params]
     if missing:
-        raise ValueError(
-            f"--resume: checkpoint parameters {missing[:3]} do not exist in this model (other --method?)"
-        )
+        raise ValueError(f"--resume: checkpoint parameters {missing[:3]} do not exist in this model (other --method?)")
     with torch.no_grad():
         for n, t in trained.items():
             params[n].copy_(t)
@@ -382,9 +378,7 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.init_model:
         model, tok = RewardModel.load(cfg.init_model, dtype="float32")
     else:
-        model, tok = RewardModel.from_backbone(
-            cfg.backbone, dtype="float32", max_length=cfg.max_length, seed=cfg.seed
-        )
+        model, tok = RewardModel.from_backbone(cfg.backbone, dtype="float32", max_length=cfg.max_length, seed=cfg.seed)
     model.config.max_length = cfg.max_length
     formatter = model.formatter(tok)
     pad_id = tok.pad_token_id
@@ -487,13 +481,7 @@ def train(cfg: TrainConfig) -> Path:
         tps = tokens_seen / max(1e-9, time.time() - t_loop)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['accuracy']:.3f}", tok_s=f"{tps:.0f}")
         bar.update(1)
-        if (
-            is_main
-            and cfg.eval_every
-            and step % cfg.eval_every == 0
-            and dev_eval_groups
-            and step < total_steps
-        ):
+        if is_main and cfg.eval_every and step % cfg.eval_every == 0 and dev_eval_groups and step < total_steps:
             rec["dev"] = evaluate_dev(model, dev_eval_groups, pad_id, cfg.batch_tokens, amp)
             log.info("step %d: dev accuracy %.4f", step, rec["dev"]["accuracy"] or 0.0)
         history.append(rec)
@@ -515,9 +503,7 @@ def train(cfg: TrainConfig) -> Path:
             dist.destroy_process_group()
             return out
 
-    changed = sum(
-        int(not torch.equal(before[n], p.detach())) for n, p in model.named_parameters() if n in before
-    )
+    changed = sum(int(not torch.equal(before[n], p.detach())) for n, p in model.named_parameters() if n in before)
     merge_method(model, cfg)
     model.eval()
     dev_metrics = evaluate_dev(model, dev_groups, pad_id, cfg.batch_tokens, amp) if dev_groups else {}
@@ -564,9 +550,7 @@ def _normalization(
     seqs = [s for g in groups for s in g.seqs]
     sample = rng.sample(seqs, min(cfg.norm_samples, len(seqs)))
     holder = [EncodedExample(RankedExample([], ["x"] * len(sample), [0] * len(sample)), sample, [], [])]
-    r = torch.tensor(
-        score_encoded(model, holder, pad_id, batch_tokens=cfg.batch_tokens * 2, autocast_dtype=amp)[0]
-    )
+    r = torch.tensor(score_encoded(model, holder, pad_id, batch_tokens=cfg.batch_tokens * 2, autocast_dtype=amp)[0])
     std = float(r.std()) if len(r) > 1 else 1.0
     return {"mean": float(r.mean()), "std": std if std > 1e-6 else 1.0, "samples": float(len(r))}
 
@@ -597,7 +581,8 @@ def write_card(out: Path, training: dict[str, Any], history: list[dict[str, Any]
         f"- Loss: {rec['loss']}, lr {rec['lr']}, max length {rec['max_length']}, dtype {rec['dtype']}",
         f"- Data: {', '.join(Path(p).name for p in rec['data'])}",
         f"- Train: {training['train_prompts']} prompts, {training['train_pairs']} pairs; "
-        f"dev: {training['dev_prompts']} prompts (hash split, fraction {training['dev_fraction']}, seed {training['seed']})",
+        f"dev: {training['dev_prompts']} prompts "
+        f"(hash split, fraction {training['dev_fraction']}, seed {training['seed']})",
         f"- Steps: {training['steps']}, time {training['seconds']} s, {training['tokens_per_s']} tokens/s",
         f"- Trainable parameters: {training['trainable_parameters']:,}",
         "",

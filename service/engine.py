@@ -62,7 +62,10 @@ class ScoringEngine:
         if n > self.limits.max_responses:
             raise PayloadTooLarge(
                 f"'{param}' has {n} entries; at most {self.limits.max_responses} are allowed per request "
-                "(RMSERVE_MAX_RESPONSES)", param=param, code="too_many_responses")
+                "(RMSERVE_MAX_RESPONSES)",
+                param=param,
+                code="too_many_responses",
+            )
 
     def check_text(self, text: str, param: str, *, allow_empty: bool = False) -> None:
         if not allow_empty and not text.strip():
@@ -70,7 +73,10 @@ class ScoringEngine:
         if len(text) > self.limits.max_chars:
             raise PayloadTooLarge(
                 f"'{param}' has {len(text):,} characters; at most {self.limits.max_chars:,} are allowed "
-                "(RMSERVE_MAX_CHARS)", param=param, code="text_too_long")
+                "(RMSERVE_MAX_CHARS)",
+                param=param,
+                code="text_too_long",
+            )
 
     def check_prompt(self, prompt: str | Sequence[dict[str, str]], param: str) -> None:
         if isinstance(prompt, str):
@@ -109,8 +115,10 @@ class ScoringEngine:
             scores = await asyncio.wait_for(self.batcher.submit(seqs), self.limits.request_timeout_s)
         except QueueFull as e:
             self.metrics.failures.labels("overloaded").inc()
-            raise Overloaded(f"the service is at its admission limit: {e}; retry later",
-                             retry_after=self.limits.retry_after_s) from None
+            raise Overloaded(
+                f"the service is at its admission limit: {e}; retry later",
+                retry_after=self.limits.retry_after_s,
+            ) from None
         except TimeoutError:
             self.metrics.failures.labels("timeout").inc()
             raise DeadlineExceeded(
@@ -133,8 +141,10 @@ class ScoringEngine:
 
     def check_normalize(self, on: bool) -> None:
         if on and not self.normalization:
-            raise InvalidRequest("normalize=true was asked but this model stores no normalization statistics",
-                                 param="normalize")
+            raise InvalidRequest(
+                "normalize=true was asked but this model stores no normalization statistics",
+                param="normalize",
+            )
 
     def normalize(self, scores: Sequence[float], on: bool) -> list[float]:
         if not on:

@@ -12,24 +12,38 @@ LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("rmserve_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.requests = Counter(
+            "rmserve_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
         self.failures = Counter("rmserve_failures", "Failed requests by cause", ["cause"], registry=r)
-        self.latency = Histogram("rmserve_request_seconds", "Total request latency", ["route"], buckets=LATENCY,
-                                 registry=r)
-        self.queue_seconds = Histogram("rmserve_queue_seconds", "Time a sequence waited for its batch",
-                                       buckets=LATENCY, registry=r)
-        self.inference_seconds = Histogram("rmserve_inference_seconds", "Forward pass time per batch",
-                                           buckets=LATENCY, registry=r)
+        self.latency = Histogram(
+            "rmserve_request_seconds", "Total request latency", ["route"], buckets=LATENCY, registry=r
+        )
+        self.queue_seconds = Histogram(
+            "rmserve_queue_seconds", "Time a sequence waited for its batch", buckets=LATENCY, registry=r
+        )
+        self.inference_seconds = Histogram(
+            "rmserve_inference_seconds", "Forward pass time per batch", buckets=LATENCY, registry=r
+        )
         self.batch_size = Histogram("rmserve_batch_size", "Sequences per forward pass", buckets=POW2, registry=r)
-        self.batch_tokens = Histogram("rmserve_batch_tokens", "Padded tokens per forward pass", buckets=TOKENS,
-                                      registry=r)
-        self.padding = Histogram("rmserve_padding_fraction", "Share of padded tokens per forward pass",
-                                 buckets=(0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0), registry=r)
+        self.batch_tokens = Histogram(
+            "rmserve_batch_tokens", "Padded tokens per forward pass", buckets=TOKENS, registry=r
+        )
+        self.padding = Histogram(
+            "rmserve_padding_fraction",
+            "Share of padded tokens per forward pass",
+            buckets=(0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0),
+            registry=r,
+        )
         self.queue_depth = Gauge("rmserve_queue_depth", "Sequences waiting for a forward pass", registry=r)
         self.tokens = Counter("rmserve_tokens_scored", "Real tokens scored", registry=r)
         self.sequences = Counter("rmserve_sequences_scored", "Sequences scored", registry=r)
-        self.rewards = Histogram("rmserve_reward", "Rewards served (raw, before normalization)",
-                                 buckets=tuple(x / 2 for x in range(-20, 21)), registry=r)
+        self.rewards = Histogram(
+            "rmserve_reward",
+            "Rewards served (raw, before normalization)",
+            buckets=tuple(x / 2 for x in range(-20, 21)),
+            registry=r,
+        )
         self.truncated = Counter("rmserve_truncated", "Sequences truncated to max_length", registry=r)
         self.model_info = Info("rmserve_model", "The model being served", registry=r)
 

@@ -25,9 +25,12 @@ class ScoreItem(BaseModel):
 class ScoreRequest(BaseModel):
     """Either one prompt with several responses, or `items` with a prompt each."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={
-        "examples": [{"prompt": "How do I boil an egg?", "responses": ["Boil it 8 minutes.", "No idea."]}]
-    })
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"prompt": "How do I boil an egg?", "responses": ["Boil it 8 minutes.", "No idea."]}]
+        },
+    )
     prompt: Prompt | None = None
     responses: list[str] | None = None
     items: list[ScoreItem] | None = None

@@ -24,8 +24,9 @@ async def ready(state: StateDep) -> JSONResponse:
         raise NotReady("the model is loading")
     if state.batcher.consecutive_failures >= state.settings.unhealthy_after_failures:
         raise NotReady(f"the last {state.batcher.consecutive_failures} forward passes failed", code="runtime_failing")
-    return JSONResponse({"status": "ready", "model": state.card["id"] if state.card else None,
-                         "queued": state.batcher.queued})
+    return JSONResponse(
+        {"status": "ready", "model": state.card["id"] if state.card else None, "queued": state.batcher.queued}
+    )
 
 
 @router.get("/metrics", dependencies=OPEN)

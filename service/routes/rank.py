@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 
 from service.app import until_disconnected
 from service.routes.deps import ERRORS, SCORING, EngineDep, prompt_value
-from service.schemas import RankRequest, Ranked, RankResponse, Usage
+from service.schemas import Ranked, RankRequest, RankResponse, Usage
 
 router = APIRouter(tags=["scoring"], dependencies=SCORING, responses=ERRORS)
 
@@ -39,6 +39,9 @@ async def rank(req: RankRequest, engine: EngineDep, request: Request) -> RankRes
     probs = softmax(scores, req.temperature)
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[: req.top_n]
     pairwise = [[sigmoid(a - b) for b in scores] for a in scores] if req.return_pairwise else None
-    return RankResponse(model=engine.model_id, ranking=[Ranked(index=i, score=scores[i], probability=probs[i])
-                                                        for i in order],
-                        pairwise=pairwise, usage=Usage(tokens=scored.tokens))
+    return RankResponse(
+        model=engine.model_id,
+        ranking=[Ranked(index=i, score=scores[i], probability=probs[i]) for i in order],
+        pairwise=pairwise,
+        usage=Usage(tokens=scored.tokens),
+    )

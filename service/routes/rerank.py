@@ -24,9 +24,16 @@ async def rerank(req: RerankRequest, engine: EngineDep, request: Request) -> Rer
     scored = await until_disconnected(request, engine.run(engine.encode_pairs(pairs)))
     order = sorted(range(len(texts)), key=lambda i: (-scored.scores[i], i))[: req.top_n]
     results = [
-        RerankResult(index=i, relevance_score=scored.scores[i],
-                     document=RerankDocument(text=texts[i]) if req.return_documents else None)
+        RerankResult(
+            index=i,
+            relevance_score=scored.scores[i],
+            document=RerankDocument(text=texts[i]) if req.return_documents else None,
+        )
         for i in order
     ]
-    return RerankResponse(id=f"rerank-{uuid.uuid4().hex}", model=req.model or engine.model_id, results=results,
-                          usage=RerankUsage(total_tokens=scored.tokens))
+    return RerankResponse(
+        id=f"rerank-{uuid.uuid4().hex}",
+        model=req.model or engine.model_id,
+        results=results,
+        usage=RerankUsage(total_tokens=scored.tokens),
+    )

@@ -28,5 +28,9 @@ async def score(req: ScoreRequest, engine: EngineDep, request: Request) -> Score
         p = prompt_value(req.prompt)
         pairs = [(p, r, f"responses[{i}]") for i, r in enumerate(req.responses)]
     scored = await until_disconnected(request, engine.run(engine.encode_pairs(pairs)))
-    return ScoreResponse(model=engine.model_id, scores=engine.normalize(scored.scores, req.normalize),
-                         truncated=scored.truncated, usage=Usage(tokens=scored.tokens))
+    return ScoreResponse(
+        model=engine.model_id,
+        scores=engine.normalize(scored.scores, req.normalize),
+        truncated=scored.truncated,
+        usage=Usage(tokens=scored.tokens),
+    )

@@ -145,14 +145,12 @@ def test_malformed_line_is_named(tmp_path: Path, line: str, match: str) -> None:
 def test_split_is_deterministic_and_by_prompt() -> None:
     exs = [RankedExample([{"role": "user", "content": f"p{i % 50}"}], ["a", "b"], [0, 1]) for i in range(200)]
     tr1, dv1 = split_dev(exs, 0.2, seed=1)
-    tr2, dv2 = split_dev(exs, 0.2, seed=1)
+    _, dv2 = split_dev(exs, 0.2, seed=1)
     assert [id(e) for e in dv1] == [id(e) for e in dv2] and 0 < len(dv1) < 200
     assert not {e.prompt_key() for e in tr1} & {e.prompt_key() for e in dv1}
 
 
-@pytest.mark.skipif(
-    not (SHARED / "oasst" / "en_100_tree.jsonl").exists(), reason="shared OpenAssistant data is absent"
-)
+@pytest.mark.skipif(not (SHARED / "oasst" / "en_100_tree.jsonl").exists(), reason="shared OpenAssistant data is absent")
 def test_real_oasst_counts() -> None:
     ex, st = read_file(SHARED / "oasst" / "en_100_tree.jsonl")
     assert st.examples == 212 and st.pairs == 754

@@ -21,9 +21,7 @@ def test_three_turn_conversation_matches_chat_template(tokenizer: Any) -> None:
     ]
     enc = Formatter(tokenizer, max_length=256).encode(msgs, "Knead and bake.")
     # What the chat template says, closed right after the final end-of-turn token.
-    text = tokenizer.apply_chat_template(
-        [*msgs, {"role": "assistant", "content": "Knead and bake."}], tokenize=False
-    )
+    text = tokenizer.apply_chat_template([*msgs, {"role": "assistant", "content": "Knead and bake."}], tokenize=False)
     text = text[: text.rindex("<|im_end|>") + len("<|im_end|>")]
     expected = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert enc.ids == expected
@@ -38,9 +36,7 @@ def test_three_turn_conversation_matches_chat_template(tokenizer: Any) -> None:
 
 def test_string_prompt_is_one_user_turn(tokenizer: Any) -> None:
     f = Formatter(tokenizer, max_length=256)
-    assert (
-        f.encode("Hi there", "Hello").ids == f.encode([{"role": "user", "content": "Hi there"}], "Hello").ids
-    )
+    assert f.encode("Hi there", "Hello").ids == f.encode([{"role": "user", "content": "Hi there"}], "Hello").ids
 
 
 def test_truncation_keeps_scored_token_and_drops_oldest_turns(tokenizer: Any) -> None:

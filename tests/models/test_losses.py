@@ -36,9 +36,7 @@ def test_listwise_plackett_luce_three() -> None:
     expect = -(2.0 - math.log(math.exp(1) + math.exp(2) + math.exp(0.5))) - (
         1.0 - math.log(math.exp(1) + math.exp(0.5))
     )
-    assert math.isclose(
-        listwise_loss(r, ranks, torch.zeros(3, dtype=torch.long)).item(), expect, rel_tol=1e-6
-    )
+    assert math.isclose(listwise_loss(r, ranks, torch.zeros(3, dtype=torch.long)).item(), expect, rel_tol=1e-6)
 
 
 def test_centering() -> None:

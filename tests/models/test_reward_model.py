@@ -141,9 +141,7 @@ def test_real_backbone_trims_and_scores(real_backbone: Path) -> None:
     assert marker["gguf_sha256"].startswith("b179c952")
     model, tok = RewardModel.from_backbone(real_backbone, dtype="float32", max_length=256)
     info = model.config.backbone_info
-    assert (
-        info["architecture"] == "LlamaForCausalLM" and info["num_layers"] == 30 and info["hidden_size"] == 576
-    )
+    assert info["architecture"] == "LlamaForCausalLM" and info["num_layers"] == 30 and info["hidden_size"] == 576
     assert info["params_after_trim"] == sum(p.numel() for p in model.body.parameters())
     assert 130e6 < info["params_after_trim"] < 140e6
     assert not hasattr(model.body, "lm_head")

@@ -46,9 +46,7 @@ def synthetic(path: Path, n: int, seed: int = 0, ranked: bool = False) -> Path:
             resp = [sent(2, 8) + (" GOOD" if i == 0 else " BAD" * i) for i in range(k)]
             recs.append({"prompt": sent(3, 10), "responses": resp, "ranks": list(range(k))})
         else:
-            recs.append(
-                {"prompt": sent(3, 10), "chosen": sent(3, 9) + " GOOD", "rejected": sent(3, 9) + " BAD"}
-            )
+            recs.append({"prompt": sent(3, 10), "chosen": sent(3, 9) + " GOOD", "rejected": sent(3, 9) + " BAD"})
     write_jsonl(path, recs)
     return path
 
@@ -97,10 +95,7 @@ def test_kwise_batch_forwards_each_response_once(tokenizer: Any) -> None:
 
 def test_token_budget_batches(tokenizer: Any) -> None:
     f = Formatter(tokenizer, 128)
-    exs = [
-        RankedExample([{"role": "user", "content": "q " * (i % 17)}], ["a " * i, "b"], [0, 1])
-        for i in range(40)
-    ]
+    exs = [RankedExample([{"role": "user", "content": "q " * (i % 17)}], ["a " * i, "b"], [0, 1]) for i in range(40)]
     groups = encode_examples(f, exs)
     batches = make_batches(groups, 400)
     assert sorted(i for b in batches for i in b) == list(range(40))
@@ -112,9 +107,7 @@ def test_token_budget_batches(tokenizer: Any) -> None:
 
 
 @pytest.mark.parametrize("method", ["full", "top-n", "lora"])
-def test_training_learns_a_synthetic_preference(
-    tmp_path: Path, llama_dir: Path, syn: Path, method: str
-) -> None:
+def test_training_learns_a_synthetic_preference(tmp_path: Path, llama_dir: Path, syn: Path, method: str) -> None:
     import time
 
     t = time.time()
@@ -210,13 +203,9 @@ def test_kendall_tau() -> None:
     assert kendall_tau([0, 0], [1.0, 2.0]) is None
 
 
-def test_bad_data_stops_with_line(
-    tmp_path: Path, llama_dir: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_bad_data_stops_with_line(tmp_path: Path, llama_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(
-        '{"prompt": "x", "chosen": "a", "rejected": "b"}\n{"prompt": "x", "chosen": 1, "rejected": "b"}\n'
-    )
+    bad.write_text('{"prompt": "x", "chosen": "a", "rejected": "b"}\n{"prompt": "x", "chosen": 1, "rejected": "b"}\n')
     rc = cli(["train", "--backbone", str(llama_dir), "--data", str(bad), "--out", str(tmp_path / "o")])
     assert rc == 2 and "bad.jsonl:2" in capsys.readouterr().err
 

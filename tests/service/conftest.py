@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+
+
+@pytest.fixture()
+def make_client(rm_dir: Path) -> Iterator[Callable[..., TestClient]]:
+    """Build a TestClient (lifespan entered) over the tiny model with setting overrides."""
+    clients: list[TestClient] = []
+
+    def make(runtime_wrapper: Any = None, **overrides: Any) -> TestClient:
+        app = create_app(Settings(model=str(rm_dir), **overrides), runtime_wrapper=runtime_wrapper)
+        c = TestClient(app)
+        c.__enter__()
+        clients.append(c)
+        return c
+
+    yield make
+    for c in clients:
+        c.__exit__(None, None, None)
+
+
+@pytest.fixture()
+def client(make_client: Callable[..., TestClient]) -> TestClient:
+    return make_client()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def live_server(settings: Settings, runtime_wrapper: Any = None) -> Iterator[str]:
+    """A real uvicorn server on loopback in a thread; yields its base URL."""
+    import uvicorn
+
+    port = free_port()
+    settings.port = port
+    app = create_app(settings, runtime_wrapper=runtime_wrapper)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    deadline = time.time() + 60
+    while not server.started:
+        if time.time() > deadline or not th.is_alive():
+            raise RuntimeError("server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        th.join(30)

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from service.batcher import Batcher, QueueFull
+
+
+def test_batches_merge_requests_and_respect_budget() -> None:
+    seen: list[list[int]] = []
+
+    def run(seqs: list[Sequence[int]]) -> list[float]:
+        seen.append([len(s) for s in seqs])
+        return [float(sum(s)) for s in seqs]
+
+    async def main() -> list[list[float]]:
+        b = Batcher(run, max_batch_tokens=40, max_batch_size=4, max_wait_s=0.01)
+        b.start()
+        reqs = [b.submit([[i] * (1 + i % 7), [i, i]]) for i in range(10)]
+        out = await asyncio.gather(*reqs)
+        await b.close()
+        return out
+
+    out = asyncio.run(main())
+    assert out == [[float(i * (1 + i % 7)), float(2 * i)] for i in range(10)]
+    assert max(len(x) for x in seen) > 1  # requests were merged
+    for lens in seen:
+        assert len(lens) <= 4 and (len(lens) == 1 or max(lens) * len(lens) <= 40)
+        assert lens == sorted(lens)  # length-sorted within a batch
+
+
+def test_queue_limit_refuses_at_once() -> None:
+    async def main() -> None:
+        gate = asyncio.Event()
+
+        def run(seqs: list[Sequence[int]]) -> list[float]:
+            return [0.0] * len(seqs)
+
+        b = Batcher(run, max_queued=3, max_wait_s=0)
+        # Not started: nothing drains the queue.
+        t = asyncio.ensure_future(b.submit([[1], [2], [3]]))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull):
+            await b.submit([[4]])
+        b.start()
+        assert await t == [0.0, 0.0, 0.0]
+        gate.set()
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_cancelled_work_is_not_computed_and_errors_stay_in_their_batch() -> None:
+    computed: list[Sequence[int]] = []
+
+    def run(seqs: list[Sequence[int]]) -> list[float]:
+        if any(s[0] == 666 for s in seqs):
+            raise ValueError("boom")
+        computed.extend(seqs)
+        return [1.0] * len(seqs)
+
+    async def main() -> None:
+        b = Batcher(run, max_wait_s=0, max_batch_size=1)
+        t = asyncio.ensure_future(b.submit([[7], [8]]))
+        await asyncio.sleep(0)
+        t.cancel()  # client gone before the worker started
+        b.start()
+        with pytest.raises(ValueError, match="boom"):
+            await b.submit([[666]])
+        assert b.consecutive_failures == 1
+        assert await b.submit([[9]]) == [1.0]
+        assert b.consecutive_failures == 0
+        await b.close()
+
+    asyncio.run(main())
+    assert computed == [[9]]

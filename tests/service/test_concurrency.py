@@ -1,0 +1,187 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+import pytest
+
+from models.reward_model import RewardModel
+from service.runtimes.base import Runtime
+from service.settings import Settings
+from tests.service.conftest import live_server
+
+
+class SlowRuntime:
+    """Wraps a runtime: optional delay per batch, optional failures, and a record of what ran."""
+
+    def __init__(self, inner: Runtime, delay: float = 0.0) -> None:
+        self.inner = inner
+        self.name, self.dtype = inner.name, inner.dtype
+        self.delay = delay
+        self.fail_next = 0
+        self.computed: list[Sequence[int]] = []
+        self.batches: list[int] = []
+        self.lock = threading.Lock()
+
+    def score(self, seqs: Sequence[Sequence[int]]) -> list[float]:
+        if self.delay:
+            time.sleep(self.delay)
+        with self.lock:
+            if self.fail_next > 0:
+                self.fail_next -= 1
+                raise RuntimeError("injected failure")
+            self.computed.extend(seqs)
+            self.batches.append(len(seqs))
+        return self.inner.score(seqs)
+
+    def warmup(self) -> None:
+        self.inner.warmup()
+
+
+def test_64_concurrent_requests_each_get_their_own_score(rm_dir: Path) -> None:
+    model, tok = RewardModel.load(rm_dir)
+    f = model.formatter(tok)
+    prompts = [f"Question number {i}: how do I bake bread?" for i in range(64)]
+    answers = [" ".join(["flour"] * (1 + i % 9)) + f" answer {i}" for i in range(64)]
+    alone = [model.score_ids([f.encode(p, a).ids], tok.pad_token_id)[0] for p, a in zip(prompts, answers, strict=True)]
+    holder: dict[str, SlowRuntime] = {}
+
+    def wrap(rt: Runtime) -> Runtime:
+        holder["rt"] = SlowRuntime(rt, delay=0.02)
+        return holder["rt"]
+
+    with live_server(Settings(model=str(rm_dir), max_wait_ms=5), runtime_wrapper=wrap) as url:
+
+        async def main() -> list[float]:
+            async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+                rs = await asyncio.gather(
+                    *(
+                        c.post("/v1/score", json={"prompt": p, "responses": [a]})
+                        for p, a in zip(prompts, answers, strict=True)
+                    )
+                )
+            assert all(r.status_code == 200 for r in rs)
+            return [r.json()["scores"][0] for r in rs]
+
+        got = asyncio.run(main())
+        metrics = httpx.get(url + "/metrics").text
+    assert got == pytest.approx(alone, abs=1e-5)
+    assert max(holder["rt"].batches) > 1
+    # The batch-size histogram saw batches bigger than one.
+    lines = metrics.splitlines()
+    count = float(next(ln for ln in lines if ln.startswith("rmserve_batch_size_count")).split()[-1])
+    le1 = float(next(ln for ln in lines if ln.startswith('rmserve_batch_size_bucket{le="1.0"}')).split()[-1])
+    assert count > le1
+
+
+def test_failed_batch_fails_only_itself_and_ready_reflects_it(rm_dir: Path) -> None:
+    holder: dict[str, SlowRuntime] = {}
+
+    def wrap(rt: Runtime) -> Runtime:
+        holder["rt"] = SlowRuntime(rt)
+        return holder["rt"]
+
+    with live_server(Settings(model=str(rm_dir), unhealthy_after_failures=2), runtime_wrapper=wrap) as url:
+        rt = holder["rt"]
+        rt.fail_next = 1
+        r = httpx.post(url + "/v1/score", json={"prompt": "x", "responses": ["a"]})
+        assert r.status_code == 500 and r.json()["error"]["type"] == "inference_error"
+        assert "injected failure" in r.json()["error"]["message"]
+        assert httpx.get(url + "/ready").status_code == 200
+        assert httpx.post(url + "/v1/score", json={"prompt": "x", "responses": ["a"]}).status_code == 200
+        rt.fail_next = 2
+        for _ in range(2):
+            assert httpx.post(url + "/v1/score", json={"prompt": "x", "responses": ["a"]}).status_code == 500
+        ready = httpx.get(url + "/ready")
+        assert ready.status_code == 503 and ready.json()["error"]["code"] == "runtime_failing"
+        assert httpx.post(url + "/v1/score", json={"prompt": "x", "responses": ["a"]}).status_code == 200
+        assert httpx.get(url + "/ready").status_code == 200
+
+
+def test_deadline_is_504_and_the_next_request_works(rm_dir: Path) -> None:
+    holder: dict[str, SlowRuntime] = {}
+
+    def wrap(rt: Runtime) -> Runtime:
+        holder["rt"] = SlowRuntime(rt)
+        return holder["rt"]
+
+    with live_server(Settings(model=str(rm_dir), request_timeout_s=0.3, max_wait_ms=0), runtime_wrapper=wrap) as url:
+        holder["rt"].delay = 0.6
+        t = time.perf_counter()
+        r = httpx.post(url + "/v1/score", json={"prompt": "x", "responses": ["a", "b", "c"]}, timeout=30)
+        assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
+        assert time.perf_counter() - t < 0.55
+        holder["rt"].delay = 0.0
+        time.sleep(0.7)
+        assert httpx.post(url + "/v1/score", json={"prompt": "x", "responses": ["a"]}).status_code == 200
+
+
+def test_overload_answers_429_at_once(rm_dir: Path) -> None:
+    holder: dict[str, SlowRuntime] = {}
+
+    def wrap(rt: Runtime) -> Runtime:
+        holder["rt"] = SlowRuntime(rt)
+        return holder["rt"]
+
+    settings = Settings(model=str(rm_dir), max_queued=3, max_wait_ms=0)
+    with live_server(settings, runtime_wrapper=wrap) as url:
+        holder["rt"].delay = 0.5
+
+        async def main() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+                busy = asyncio.create_task(c.post("/v1/score", json={"prompt": "x", "responses": ["a"]}))
+                await asyncio.sleep(0.1)  # the worker is now busy with `busy`
+                queued = asyncio.create_task(c.post("/v1/score", json={"prompt": "x", "responses": ["b", "c"]}))
+                await asyncio.sleep(0.05)
+                t = time.perf_counter()
+                refused = await c.post("/v1/score", json={"prompt": "x", "responses": ["d", "e"]})
+                assert time.perf_counter() - t < 0.3
+                return await busy, await queued, refused
+
+        busy, queued, refused = asyncio.run(main())
+    assert busy.status_code == 200 and queued.status_code == 200  # admitted work still served
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["type"] == "overloaded"
+
+
+def test_client_that_disconnects_has_its_work_dropped(rm_dir: Path) -> None:
+    import socket
+
+    holder: dict[str, SlowRuntime] = {}
+
+    def wrap(rt: Runtime) -> Runtime:
+        holder["rt"] = SlowRuntime(rt)
+        return holder["rt"]
+
+    with live_server(Settings(model=str(rm_dir), max_wait_ms=0), runtime_wrapper=wrap) as url:
+        rt = holder["rt"]
+        rt.delay = 0.6
+        port = int(url.rsplit(":", 1)[1])
+        done: dict[str, httpx.Response] = {}
+        th = threading.Thread(
+            target=lambda: done.setdefault(
+                "r",
+                httpx.post(url + "/v1/score", json={"prompt": "keep", "responses": ["kept answer"]}, timeout=30),
+            )
+        )
+        th.start()
+        time.sleep(0.2)  # the worker is busy with the first request
+        body = b'{"prompt": "gone", "responses": ["dropped one", "dropped two", "dropped three"]}'
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(
+            b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        time.sleep(0.1)
+        s.close()  # gone before its work was computed
+        th.join()
+        time.sleep(1.0)
+        assert done["r"].status_code == 200
+        assert len(rt.computed) == 1  # only the kept request's sequence ran
+        after = httpx.post(url + "/v1/score", json={"prompt": "x", "responses": ["a"]}, timeout=30)
+        assert after.status_code == 200
+        assert 'rmserve_failures_total{cause="client_gone"} 1.0' in httpx.get(url + "/metrics").text
