@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.backbone import auto_dtype
-from models.data import FORMATS, RankedExample, read_files, split_dev
+from models.data import FORMATS, read_files, split_dev
 from models.evaluate import EncodedExample, encode_examples, metrics_from_scores, score_encoded
 from models.losses import centering_loss, listwise_loss, pairwise_loss
 from models.reward_model import RewardModel, collate
@@ -60,6 +60,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     dev_fraction: float = 0.05  # share of prompts held out for dev (deterministic hash split)
     dev_max: int = 0  # most dev examples evaluated during training (0 = all)
+    train_max: int = 0  # keep a seeded sample of this many training examples (0 = all), for CPU budgets
     eval_every: int = 0  # dev evaluation every N steps (0 = only at the end)
     save_every: int = 50  # checkpoint every N steps (for --resume)
     seed: int = 0
@@ -68,6 +69,7 @@ class TrainConfig:
     resume: bool = False  # continue from out/.checkpoint after a kill
     skip_bad: bool = False  # skip malformed lines (counted) instead of stopping
     norm_samples: int = 512  # training responses scored for the normalization mean/std
+    cache_frozen: str = "auto"  # top-n: compute the frozen bottom layers once per sequence (auto | on | off)
     halt_after: int = 0  # testing aid: stop abruptly after N steps, like a kill (no final model)
 
 
@@ -95,6 +97,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int, default=d.grad_accum)
     p.add_argument("--dev-fraction", type=float, default=d.dev_fraction)
     p.add_argument("--dev-max", type=int, default=d.dev_max, help="dev examples scored during training")
+    p.add_argument("--train-max", type=int, default=d.train_max, help="seeded sample of training examples (0 = all)")
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--save-every", type=int, default=d.save_every)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -108,6 +111,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT/.checkpoint")
     p.add_argument("--skip-bad", action="store_true", help="skip and count malformed lines")
     p.add_argument("--norm-samples", type=int, default=d.norm_samples)
+    p.add_argument(
+        "--cache-frozen",
+        choices=["auto", "on", "off"],
+        default=d.cache_frozen,
+        help="top-n: run the frozen bottom layers once per sequence and train on cached states "
+        "(auto: on for Llama-family bodies on one process)",
+    )
     p.add_argument("--halt-after", type=int, default=0, help=argparse.SUPPRESS)
 
 
@@ -163,6 +173,19 @@ def apply_method(model: RewardModel, cfg: TrainConfig) -> None:
     model.head.bias.requires_grad_(cfg.center_coef > 0)
 
 
+def use_frozen_cache(cfg: TrainConfig, model: RewardModel, world: int) -> bool:
+    from models.frozen_cache import supports_cache
+
+    if cfg.method != "top-n" or cfg.cache_frozen == "off":
+        return False
+    ok = supports_cache(model.body) and world == 1 and 0 < cfg.top_n < len(transformer_layers(model.body))
+    if cfg.cache_frozen == "on" and not ok:
+        raise ValueError(
+            "--cache-frozen on needs --method top-n with 0 < N < layers, a Llama-family body and one process"
+        )
+    return ok
+
+
 def merge_method(model: Any, cfg: TrainConfig) -> None:
     if cfg.method == "lora":
         model.body = model.body.merge_and_unload()
@@ -178,6 +201,7 @@ class Batch:
     margin: list[float]
     ranks: list[int]
     resp_group: list[int]
+    keys: list[tuple[int, int]]  # (group index, response index) of each sequence
 
     @property
     def padded_tokens(self) -> int:
@@ -210,11 +234,12 @@ def make_batches(groups: Sequence[EncodedExample], batch_tokens: int) -> list[li
 
 
 def build_batch(groups: Sequence[EncodedExample], idx: Sequence[int]) -> Batch:
-    b = Batch([], [], [], [], [], [], [])
+    b = Batch([], [], [], [], [], [], [], [])
     for gi, i in enumerate(idx):
         g = groups[i]
         base = len(b.seqs)
         b.seqs.extend(g.seqs)
+        b.keys.extend((i, j) for j in range(len(g.seqs)))
         b.ranks.extend(g.example.ranks)
         b.resp_group.extend([gi] * len(g.seqs))
         for w, lo in g.example.pairs():
@@ -321,17 +346,46 @@ def load_checkpoint(
 
 
 # -- the loop -----------------------------------------------------------------------------------------
+class Scorer:
+    """Batch -> rewards, either through the whole model or from cached frozen-layer states."""
+
+    def __init__(
+        self, fwd: nn.Module, model: RewardModel, pad_id: int, device: torch.device, amp: torch.dtype | None
+    ) -> None:
+        self.fwd, self.model, self.pad_id, self.device, self.amp = fwd, model, pad_id, device, amp
+        self.cache: dict[int, list[list[torch.Tensor]]] = {}  # id(groups list) -> per group, per response
+        self.n_top = 0
+
+    def build_cache(self, groups_lists: Sequence[Sequence[EncodedExample]], n_top: int, batch_tokens: int) -> None:
+        from models.frozen_cache import frozen_features
+
+        self.n_top = n_top
+        for groups in groups_lists:
+            if id(groups) in self.cache:
+                continue
+            flat = [s for g in groups for s in g.seqs]
+            feats = frozen_features(self.model, flat, n_top, self.pad_id, batch_tokens)
+            per_group, k = [], 0
+            for g in groups:
+                per_group.append(feats[k : k + len(g.seqs)])
+                k += len(g.seqs)
+            self.cache[id(groups)] = per_group
+
+    def rewards(self, groups: Sequence[EncodedExample], batch: Batch) -> torch.Tensor:
+        if id(groups) in self.cache:
+            from models.frozen_cache import rewards_from_features
+
+            feats = self.cache[id(groups)]
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                return rewards_from_features(self.model, [feats[g][j] for g, j in batch.keys], self.n_top).float()
+        ids, mask = collate(batch.seqs, self.pad_id, "right", self.device)
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            return self.fwd(ids, mask).float()  # (N,)
+
+
 def _loss(
-    model: nn.Module,
-    batch: Batch,
-    cfg: TrainConfig,
-    pad_id: int,
-    device: torch.device,
-    amp: torch.dtype | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    ids, mask = collate(batch.seqs, pad_id, "right", device)
-    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-        rewards = model(ids, mask).float()  # (N,)
+    rewards: torch.Tensor, batch: Batch, cfg: TrainConfig, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     if cfg.loss == "pairwise":
         loss, acc = pairwise_loss(
             rewards,
@@ -349,15 +403,24 @@ def _loss(
             acc = ((d > 0).float() + 0.5 * (d == 0).float()).mean()
     if cfg.center_coef:
         loss = loss + centering_loss(rewards, cfg.center_coef)
-    return loss, acc, rewards.detach()
+    return loss, acc
 
 
 def evaluate_dev(
-    model: RewardModel, dev: Sequence[EncodedExample], pad_id: int, batch_tokens: int, amp: torch.dtype | None
+    model: RewardModel, dev: Sequence[EncodedExample], scorer: Scorer, batch_tokens: int
 ) -> dict[str, Any]:
     was_training = model.training
     model.eval()
-    scores = score_encoded(model, dev, pad_id, batch_tokens=batch_tokens * 2, autocast_dtype=amp)
+    if id(dev) in scorer.cache:
+        per: dict[int, list[float]] = {}
+        with torch.no_grad():
+            for idx in make_batches(dev, batch_tokens * 2):
+                b = build_batch(dev, idx)
+                for (g, _j), r in zip(b.keys, scorer.rewards(dev, b).tolist(), strict=True):
+                    per.setdefault(g, []).append(r)
+        scores = [per[g] for g in range(len(dev))]
+    else:
+        scores = score_encoded(model, dev, scorer.pad_id, batch_tokens=batch_tokens * 2, autocast_dtype=scorer.amp)
     model.train(was_training)
     return metrics_from_scores([g.example for g in dev], scores)
 
@@ -389,6 +452,9 @@ def train(cfg: TrainConfig) -> Path:
     train_ex, dev_ex = split_dev(examples, cfg.dev_fraction, cfg.seed)
     if not train_ex:
         raise ValueError("the dev split took every prompt; lower --dev-fraction")
+    if cfg.train_max and len(train_ex) > cfg.train_max:
+        keep = sorted(random.Random(cfg.seed).sample(range(len(train_ex)), cfg.train_max))
+        train_ex = [train_ex[i] for i in keep]
     train_groups = encode_examples(formatter, train_ex)
     dev_groups = encode_examples(formatter, dev_ex)
     dev_eval_groups = dev_groups[: cfg.dev_max] if cfg.dev_max else dev_groups
@@ -428,6 +494,16 @@ def train(cfg: TrainConfig) -> Path:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         fwd = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    scorer = Scorer(fwd, model, pad_id, device, amp)
+    if use_frozen_cache(cfg, model, world):
+        t_cache = time.time()
+        scorer.build_cache([train_groups, dev_groups], cfg.top_n, cfg.batch_tokens * 2)
+        scorer.cache[id(dev_eval_groups)] = scorer.cache[id(dev_groups)][: len(dev_eval_groups)]
+        log.info(
+            "cached the frozen bottom layers' output for %d sequences in %.0f s",
+            sum(len(g.seqs) for g in train_groups) + sum(len(g.seqs) for g in dev_groups),
+            time.time() - t_cache,
+        )
 
     step = 0
     history: list[dict[str, Any]] = []
@@ -461,7 +537,7 @@ def train(cfg: TrainConfig) -> Path:
             except StopIteration:
                 break
             batch = build_batch(train_groups, my_batches[b])
-            loss, acc, _r = _loss(fwd, batch, cfg, pad_id, device, amp)
+            loss, acc = _loss(scorer.rewards(train_groups, batch), batch, cfg, device)
             (loss / cfg.grad_accum).backward()
             losses.append(loss.item())
             accs.append(acc.item())
@@ -482,7 +558,7 @@ def train(cfg: TrainConfig) -> Path:
         bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['accuracy']:.3f}", tok_s=f"{tps:.0f}")
         bar.update(1)
         if is_main and cfg.eval_every and step % cfg.eval_every == 0 and dev_eval_groups and step < total_steps:
-            rec["dev"] = evaluate_dev(model, dev_eval_groups, pad_id, cfg.batch_tokens, amp)
+            rec["dev"] = evaluate_dev(model, dev_eval_groups, scorer, cfg.batch_tokens)
             log.info("step %d: dev accuracy %.4f", step, rec["dev"]["accuracy"] or 0.0)
         history.append(rec)
         if is_main and cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
@@ -506,8 +582,8 @@ def train(cfg: TrainConfig) -> Path:
     changed = sum(int(not torch.equal(before[n], p.detach())) for n, p in model.named_parameters() if n in before)
     merge_method(model, cfg)
     model.eval()
-    dev_metrics = evaluate_dev(model, dev_groups, pad_id, cfg.batch_tokens, amp) if dev_groups else {}
-    model.config.normalization = _normalization(model, train_groups, pad_id, cfg, amp)
+    dev_metrics = evaluate_dev(model, dev_groups, scorer, cfg.batch_tokens) if dev_groups else {}
+    model.config.normalization = _normalization(scorer, train_groups, cfg)
     model.config.training = {
         "recipe": asdict(cfg),
         "dev_fraction": cfg.dev_fraction,
@@ -539,18 +615,17 @@ def train(cfg: TrainConfig) -> Path:
 
 
 @torch.inference_mode()
-def _normalization(
-    model: RewardModel,
-    groups: Sequence[EncodedExample],
-    pad_id: int,
-    cfg: TrainConfig,
-    amp: torch.dtype | None,
-) -> dict[str, float]:
+def _normalization(scorer: Scorer, groups: Sequence[EncodedExample], cfg: TrainConfig) -> dict[str, float]:
+    """Mean and std of rewards over a seeded sample of training responses (for z-scores)."""
     rng = random.Random(cfg.seed)
-    seqs = [s for g in groups for s in g.seqs]
-    sample = rng.sample(seqs, min(cfg.norm_samples, len(seqs)))
-    holder = [EncodedExample(RankedExample([], ["x"] * len(sample), [0] * len(sample)), sample, [], [])]
-    r = torch.tensor(score_encoded(model, holder, pad_id, batch_tokens=cfg.batch_tokens * 2, autocast_dtype=amp)[0])
+    keys = [(g, j) for g, grp in enumerate(groups) for j in range(len(grp.seqs))]
+    keys = rng.sample(keys, min(cfg.norm_samples, len(keys)))
+    rewards: list[float] = []
+    for start in range(0, len(keys), 32):
+        chunk = keys[start : start + 32]
+        b = Batch([groups[g].seqs[j] for g, j in chunk], [], [], [], [], [], [], chunk)
+        rewards.extend(scorer.rewards(groups, b).tolist())
+    r = torch.tensor(rewards)
     std = float(r.std()) if len(r) > 1 else 1.0
     return {"mean": float(r.mean()), "std": std if std > 1e-6 else 1.0, "samples": float(len(r))}
 

@@ -69,7 +69,8 @@ def load_runtime(settings: Settings, model_dir: Path) -> tuple[Runtime, Any, Any
     if settings.runtime == "onnx":
         from service.runtimes.onnx_runtime import OnnxRuntime
 
-        runtime, tokenizer = OnnxRuntime.load(model_dir, threads=settings.threads or _cores())
+        int8 = None if settings.dtype == "auto" else settings.dtype == "int8"
+        runtime, tokenizer = OnnxRuntime.load(model_dir, threads=settings.threads or _cores(), int8=int8)
         cfg = read_config(model_dir)
         params = int(cfg.backbone_info.get("params_after_trim", 0)) + cfg.hidden_size + 1
     else:

@@ -14,8 +14,10 @@ class Settings(BaseSettings):
     model: str | None = Field(None, description="model directory; unset = the assembled default model")
     model_id: str | None = Field(None, description="name reported in responses (default: the folder name)")
     runtime: Literal["torch", "onnx"] = Field("torch", description="inference runtime")
-    dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="torch runtime dtype; auto = bf16 where the hardware runs it natively, else fp32"
+    dtype: Literal["auto", "float32", "bfloat16", "int8"] = Field(
+        "auto",
+        description="torch: float32 | bfloat16 (auto = bf16 where the hardware runs it natively, else fp32); "
+        "onnx: float32 | int8 (auto = the exported file present, int8 if only that one)",
     )
     device: str = Field("cpu", description="cpu or cuda")
     threads: int | None = Field(None, ge=1, description="intra-op threads (default: the cores available)")

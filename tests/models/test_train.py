@@ -211,3 +211,28 @@ def test_bad_data_stops_with_line(tmp_path: Path, llama_dir: Path, capsys: pytes
 
 
 _ = EncodedExample  # re-exported type used by the trainer
+
+
+def test_frozen_cache_matches_the_full_model(llama_dir: Path, tokenizer: Any) -> None:
+    from models.frozen_cache import frozen_features, rewards_from_features
+
+    model, tok = RewardModel.from_backbone(llama_dir, max_length=64, seed=2)
+    model.eval()
+    f = model.formatter(tok)
+    seqs = [f.encode("How do I bake bread?", r).ids for r in ("Mix flour.", "No", "Knead, then bake for an hour.")]
+    feats = frozen_features(model, seqs, 1, tok.pad_token_id)
+    with torch.no_grad():
+        cached = rewards_from_features(model, feats, 1)
+    full = torch.tensor(model.score_ids(seqs, tok.pad_token_id))
+    assert torch.allclose(cached, full, atol=1e-5)
+
+
+def test_training_with_and_without_the_cache_agree(tmp_path: Path, llama_dir: Path, syn: Path) -> None:
+    common = ["--method", "top-n", "--top-n", "1", "--max-steps", "5", "--lr", "1e-3"]
+    on = _train(llama_dir, syn, tmp_path / "on", *common, "--cache-frozen", "on")
+    off = _train(llama_dir, syn, tmp_path / "off", *common, "--cache-frozen", "off")
+    a, b = load_file(str(on / "head.safetensors")), load_file(str(off / "head.safetensors"))
+    assert torch.allclose(a["weight"], b["weight"], atol=1e-4)
+    da = json.loads((on / "metrics.json").read_text())["dev"]
+    db = json.loads((off / "metrics.json").read_text())["dev"]
+    assert da["accuracy"] == db["accuracy"]

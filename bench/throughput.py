@@ -1,0 +1,174 @@
+"""Throughput benchmark: the machine's limit, each runtime's raw forward pass, the service over HTTP at
+saturation, and a naive server, all measured in one run on real HH-RLHF dialogues.
+
+    python bench/throughput.py --model DIR [--seconds 30] [--clients 32]
+
+Prints a table, then one JSON object on its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench.common import Server, free_port, hh_examples, python, resolve_model, run_load  # noqa: E402
+
+
+def matmul_peak(dtype: torch.dtype, seconds: float = 3.0) -> float:
+    """Best sustained GFLOP/s of a transformer-shaped matmul (4096 x 576 @ 576 x 1536) in `dtype`."""
+    a = torch.randn(4096, 576, dtype=dtype)
+    w = torch.randn(1536, 576, dtype=dtype)
+    torch.nn.functional.linear(a, w)
+    best = 0.0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        for _ in range(5):
+            torch.nn.functional.linear(a, w)
+        best = max(best, 5 * 2 * 4096 * 576 * 1536 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def non_embedding_params(model: Any) -> int:
+    emb = model.body.get_input_embeddings().weight.numel()
+    return sum(p.numel() for p in model.parameters()) - emb
+
+
+def raw_throughput(runtime: Any, seqs: list[list[int]], budgets: tuple[int, ...], seconds: float) -> dict[str, Any]:
+    """Forward pass alone over length-sorted batches under each token budget; the best one wins."""
+    from models.evaluate import length_batches
+
+    best: dict[str, Any] = {"tokens_per_s": 0.0}
+    for budget in budgets:
+        batches = length_batches([len(s) for s in seqs], budget)
+        runtime.score([seqs[i] for i in batches[0]])  # warm up
+        tokens = 0
+        t0 = time.perf_counter()
+        k = 0
+        while time.perf_counter() - t0 < seconds:
+            b = batches[k % len(batches)]
+            runtime.score([seqs[i] for i in b])
+            tokens += sum(len(seqs[i]) for i in b)
+            k += 1
+        tps = tokens / (time.perf_counter() - t0)
+        if tps > best["tokens_per_s"]:
+            best = {"tokens_per_s": tps, "batch_tokens": budget}
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--seconds", type=float, default=30.0, help="load duration per server")
+    ap.add_argument("--raw-seconds", type=float, default=15.0, help="per runtime and batch budget")
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--answers", type=int, default=4, help="answers per /v1/score request")
+    ap.add_argument("--runtimes", default="torch:float32,torch:bfloat16,onnx:float32,onnx:int8")
+    ap.add_argument("--service-runtime", default=None, help="runtime:dtype the service runs (default: fastest raw)")
+    args = ap.parse_args()
+    threads = len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    model_dir = resolve_model(args.model)
+
+    from models.export import ONNX_FP32, ONNX_INT8, export_onnx
+    from models.reward_model import RewardModel
+    from service.runtimes.onnx_runtime import OnnxRuntime
+    from service.runtimes.torch_runtime import TorchRuntime
+
+    model, tok = RewardModel.load(model_dir, dtype="float32")
+    fmt = model.formatter(tok)
+    exs = hh_examples(400)
+    # Requests: one HH prompt with `answers` responses (its chosen/rejected, then other dialogues' answers).
+    payloads = []
+    for i, ex in enumerate(exs[:200]):
+        extra = [exs[(i + j + 1) % len(exs)].responses[0] for j in range(max(0, args.answers - 2))]
+        payloads.append({"prompt": ex.prompt, "responses": (ex.responses + extra)[: args.answers]})
+    seqs = [fmt.encode(p["prompt"], r).ids for p in payloads[:100] for r in p["responses"]]
+
+    peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
+    n_params = non_embedding_params(model)
+    limit = max(peaks.values()) * 1e9 / (2 * n_params)
+
+    raw: dict[str, Any] = {}
+    for spec in args.runtimes.split(","):
+        name, dtype = spec.split(":")
+        if name == "torch":
+            m, _ = RewardModel.load(model_dir, dtype=dtype)
+            rt: Any = TorchRuntime(m, tok.pad_token_id)
+        else:
+            fname = ONNX_INT8 if dtype == "int8" else ONNX_FP32
+            if not (model_dir / fname).is_file():
+                export_onnx(model_dir, int8=dtype == "int8")
+            rt, _ = OnnxRuntime.load(model_dir, threads=threads, int8=dtype == "int8")
+        raw[spec] = raw_throughput(rt, seqs, (2048, 8192), args.raw_seconds)
+        print(f"raw {spec:16s} {raw[spec]['tokens_per_s']:8.0f} tokens/s (batch {raw[spec]['batch_tokens']})",
+              flush=True)
+        del rt
+    fastest = max(raw, key=lambda k: raw[k]["tokens_per_s"])
+    service_spec = args.service_runtime or fastest
+    s_name, s_dtype = service_spec.split(":")
+
+    port = free_port()
+    server = Server([python(), "-m", "service.cli", "serve", "--model", str(model_dir), "--port", str(port),
+                     "--runtime", s_name, "--dtype", s_dtype], {}, port)
+    try:
+        run_load(server.url, payloads, clients=args.clients, seconds=3)  # warm up
+        service = run_load(server.url, payloads, clients=args.clients, seconds=args.seconds)
+    finally:
+        server.stop()
+    print(f"service ({service_spec}) {service['tokens_per_s']:8.0f} tokens/s  p50 {service['p50_ms']:.0f} ms  "
+          f"p99 {service['p99_ms']:.0f} ms  errors {service['errors']}", flush=True)
+
+    port = free_port()
+    naive_srv = Server([python(), "bench/naive_server.py", str(model_dir), str(port)], {}, port)
+    try:
+        run_load(naive_srv.url, payloads, clients=args.clients, seconds=3)
+        naive = run_load(naive_srv.url, payloads, clients=args.clients, seconds=args.seconds)
+    finally:
+        naive_srv.stop()
+    print(f"naive (torch fp32, one request at a time) {naive['tokens_per_s']:8.0f} tokens/s  "
+          f"p50 {naive['p50_ms']:.0f} ms  p99 {naive['p99_ms']:.0f} ms", flush=True)
+
+    result = {
+        "model": str(model_dir),
+        "threads": threads,
+        "matmul_gflops": {k: round(v, 1) for k, v in peaks.items()},
+        "non_embedding_params": n_params,
+        "limit_tokens_per_s": round(limit, 1),
+        "raw_tokens_per_s": {k: round(v["tokens_per_s"], 1) for k, v in raw.items()},
+        "service_runtime": service_spec,
+        "service_tokens_per_s": round(service["tokens_per_s"], 1),
+        "service_p50_ms": round(service["p50_ms"], 1),
+        "service_p99_ms": round(service["p99_ms"], 1),
+        "service_errors": service["errors"],
+        "naive_tokens_per_s": round(naive["tokens_per_s"], 1),
+        "naive_p50_ms": round(naive["p50_ms"], 1),
+        "naive_p99_ms": round(naive["p99_ms"], 1),
+        "service_over_raw": round(service["tokens_per_s"] / raw[service_spec]["tokens_per_s"], 3),
+        "service_over_naive": round(service["tokens_per_s"] / naive["tokens_per_s"], 3),
+        "raw_over_limit": round(raw[fastest]["tokens_per_s"] / limit, 3),
+        "clients": args.clients,
+        "answers_per_request": args.answers,
+    }
+    print()
+    print("| measure | tokens/s |")
+    print("| --- | --- |")
+    print(f"| limit (best matmul peak / 2 x non-embedding params) | {limit:.0f} |")
+    for k, v in raw.items():
+        print(f"| raw {k} | {v['tokens_per_s']:.0f} |")
+    print(f"| service {service_spec}, {args.clients} clients x {args.answers} answers | {service['tokens_per_s']:.0f} |")
+    print(f"| naive server | {naive['tokens_per_s']:.0f} |")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
