@@ -78,8 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve a reward model over HTTP")
     s.add_argument("--model", default=None, help="model directory (default: the assembled default model)")
     s.add_argument("--runtime", default=None, choices=["torch", "onnx"], help="inference runtime")
-    s.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "int8"],
-                   help="torch: auto|float32|bfloat16; onnx: auto|float32|int8")
+    s.add_argument(
+        "--dtype",
+        default=None,
+        choices=["auto", "float32", "bfloat16", "int8"],
+        help="torch: auto|float32|bfloat16; onnx: auto|float32|int8",
+    )
     s.add_argument("--host", default=None, help="bind address (default 127.0.0.1; 0.0.0.0 must be explicit)")
     s.add_argument("--port", type=int, default=None, help="port (default 8000)")
     s.add_argument("--api-key", default=None, help="require this Bearer key on scoring routes")
