@@ -63,6 +63,8 @@ def load_runtime(settings: Settings, model_dir: Path) -> tuple[Runtime, Any, Any
     import torch
 
     from models.backbone import auto_dtype
+
+    runtime: Runtime
     from models.reward_model import RewardModel, read_config
 
     torch.set_num_threads(settings.threads or _cores())
