@@ -68,7 +68,7 @@ class ScoringEngine:
             )
 
     def check_text(self, text: str, param: str, *, allow_empty: bool = False) -> None:
-        if not allow_empty and not text.strip():
+        if not allow_empty and not text:
             raise InvalidRequest(f"'{param}' is empty; give non-empty text", param=param, code="empty_text")
         if len(text) > self.limits.max_chars:
             raise PayloadTooLarge(

@@ -1,0 +1,325 @@
+"""Python client for rmserve (sync and async), plus a reward-function adapter for TRL trainers.
+
+    from service.client import RewardClient
+    rc = RewardClient("http://127.0.0.1:8000", api_key=None, timeout=30)
+    rc.score("How do I boil an egg?", ["Boil it 8 minutes.", "No idea."])  # -> [1.9, -0.4]
+
+Every method returns plain Python values. 429 and 503 answers are retried with backoff, honouring
+`Retry-After`; other errors raise typed exceptions that carry the server's message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import httpx
+
+Prompt = str | Sequence[Mapping[str, str]]
+
+
+class RewardServiceError(Exception):
+    """An error answer from the service: status, and the error body's message, type, param and code."""
+
+    def __init__(
+        self, status: int, message: str, type: str | None = None, param: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(f"{status} {type or 'error'}: {message}" + (f" (param: {param})" if param else ""))
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+
+class InvalidRequestError(RewardServiceError):
+    """400, 413, 422: the request was wrong; the message names the field."""
+
+
+class AuthenticationError(RewardServiceError):
+    """401: missing or wrong API key."""
+
+
+class RateLimitedError(RewardServiceError):
+    """429 after every retry: the service stayed at its admission limit."""
+
+
+class ServiceUnavailableError(RewardServiceError):
+    """503 after every retry: the model is not ready."""
+
+
+class DeadlineExceededError(RewardServiceError):
+    """504: the request passed the server's deadline."""
+
+
+class ServerError(RewardServiceError):
+    """Any other 5xx."""
+
+
+class ConnectionFailedError(RewardServiceError):
+    """The service could not be reached (after retries)."""
+
+
+RETRY_STATUSES = (429, 503)
+
+
+def _error_from(response: httpx.Response) -> RewardServiceError:
+    try:
+        err = response.json()["error"]
+        message, kind, param, code = err.get("message", ""), err.get("type"), err.get("param"), err.get("code")
+    except Exception:
+        message, kind, param, code = response.text[:500], None, None, None
+    s = response.status_code
+    cls: type[RewardServiceError] = (
+        AuthenticationError
+        if s == 401
+        else RateLimitedError
+        if s == 429
+        else ServiceUnavailableError
+        if s == 503
+        else DeadlineExceededError
+        if s == 504
+        else InvalidRequestError
+        if 400 <= s < 500
+        else ServerError
+    )
+    return cls(s, message, kind, param, code)
+
+
+def _delay(response: httpx.Response | None, attempt: int, backoff: float, max_delay: float) -> float:
+    if response is not None:
+        ra = response.headers.get("retry-after")
+        if ra:
+            try:
+                return min(max_delay, float(ra))
+            except ValueError:
+                pass
+    return min(max_delay, backoff * 2**attempt * (1 + 0.25 * random.random()))
+
+
+def _prompt(p: Prompt) -> Any:
+    return p if isinstance(p, str) else [dict(m) for m in p]
+
+
+class _Base:
+    def __init__(
+        self, base_url: str, api_key: str | None, timeout: float, max_retries: int, backoff: float, max_delay: float
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout, self.max_retries, self.backoff, self.max_delay = timeout, max_retries, backoff, max_delay
+        self.retries = 0  # how many times a request was retried (for monitoring)
+
+
+class RewardClient(_Base):
+    """Synchronous client with connection pooling.
+
+    Args:
+        base_url: e.g. "http://127.0.0.1:8000".
+        api_key: sent as `Authorization: Bearer KEY` when set.
+        timeout: seconds per HTTP attempt.
+        max_retries: retries on 429/503 and connection errors.
+        backoff: first backoff in seconds (doubles each retry) when the server sends no Retry-After.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        max_retries: int = 5,
+        backoff: float = 0.25,
+        max_delay: float = 30.0,
+    ) -> None:
+        super().__init__(base_url, api_key, timeout, max_retries, backoff, max_delay)
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            headers=self.headers,
+            timeout=timeout,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> RewardClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, json: Any = None) -> Any:
+        attempt = 0
+        while True:
+            try:
+                r = self._http.request(method, path, json=json)
+            except httpx.TransportError as e:
+                if attempt >= self.max_retries:
+                    raise ConnectionFailedError(0, f"{type(e).__name__}: {e}") from e
+                time.sleep(_delay(None, attempt, self.backoff, self.max_delay))
+                attempt += 1
+                self.retries += 1
+                continue
+            if r.status_code in RETRY_STATUSES and attempt < self.max_retries:
+                time.sleep(_delay(r, attempt, self.backoff, self.max_delay))
+                attempt += 1
+                self.retries += 1
+                continue
+            if r.status_code >= 400:
+                raise _error_from(r)
+            return r.json()
+
+    def score(self, prompt: Prompt, responses: Sequence[str], normalize: bool = False) -> list[float]:
+        body = {"prompt": _prompt(prompt), "responses": list(responses), "normalize": normalize}
+        return [float(x) for x in self._request("POST", "/v1/score", body)["scores"]]
+
+    def score_items(
+        self, items: Sequence[tuple[Prompt, str] | Mapping[str, Any]], normalize: bool = False
+    ) -> list[float]:
+        payload = [
+            {"prompt": _prompt(it["prompt"]), "response": it["response"]}
+            if isinstance(it, Mapping)
+            else {"prompt": _prompt(it[0]), "response": it[1]}
+            for it in items
+        ]
+        return [
+            float(x) for x in self._request("POST", "/v1/score", {"items": payload, "normalize": normalize})["scores"]
+        ]
+
+    def rank(
+        self, prompt: Prompt, responses: Sequence[str], top_n: int | None = None, temperature: float = 1.0
+    ) -> list[dict[str, Any]]:
+        body = {"prompt": _prompt(prompt), "responses": list(responses), "top_n": top_n, "temperature": temperature}
+        return list(self._request("POST", "/v1/rank", body)["ranking"])
+
+    def rerank(self, query: str, documents: Sequence[str], top_n: int | None = None) -> list[dict[str, Any]]:
+        body = {"query": query, "documents": list(documents), "top_n": top_n, "return_documents": False}
+        return list(self._request("POST", "/v1/rerank", body)["results"])
+
+    def get_reward(self, queries: Sequence[str]) -> list[float]:
+        return [float(x) for x in self._request("POST", "/get_reward", {"query": list(queries)})["rewards"]]
+
+    def models(self) -> list[dict[str, Any]]:
+        return list(self._request("GET", "/v1/models")["data"])
+
+    def ready(self) -> bool:
+        try:
+            return self._http.get("/ready").status_code == 200
+        except httpx.TransportError:
+            return False
+
+
+class AsyncRewardClient(_Base):
+    """The asyncio twin of RewardClient (same methods, awaitable)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        max_retries: int = 5,
+        backoff: float = 0.25,
+        max_delay: float = 30.0,
+    ) -> None:
+        super().__init__(base_url, api_key, timeout, max_retries, backoff, max_delay)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=self.headers,
+            timeout=timeout,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncRewardClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _request(self, method: str, path: str, json: Any = None) -> Any:
+        attempt = 0
+        while True:
+            try:
+                r = await self._http.request(method, path, json=json)
+            except httpx.TransportError as e:
+                if attempt >= self.max_retries:
+                    raise ConnectionFailedError(0, f"{type(e).__name__}: {e}") from e
+                await asyncio.sleep(_delay(None, attempt, self.backoff, self.max_delay))
+                attempt += 1
+                self.retries += 1
+                continue
+            if r.status_code in RETRY_STATUSES and attempt < self.max_retries:
+                await asyncio.sleep(_delay(r, attempt, self.backoff, self.max_delay))
+                attempt += 1
+                self.retries += 1
+                continue
+            if r.status_code >= 400:
+                raise _error_from(r)
+            return r.json()
+
+    async def score(self, prompt: Prompt, responses: Sequence[str], normalize: bool = False) -> list[float]:
+        body = {"prompt": _prompt(prompt), "responses": list(responses), "normalize": normalize}
+        return [float(x) for x in (await self._request("POST", "/v1/score", body))["scores"]]
+
+    async def score_items(
+        self, items: Sequence[tuple[Prompt, str] | Mapping[str, Any]], normalize: bool = False
+    ) -> list[float]:
+        payload = [
+            {"prompt": _prompt(it["prompt"]), "response": it["response"]}
+            if isinstance(it, Mapping)
+            else {"prompt": _prompt(it[0]), "response": it[1]}
+            for it in items
+        ]
+        out = await self._request("POST", "/v1/score", {"items": payload, "normalize": normalize})
+        return [float(x) for x in out["scores"]]
+
+    async def rank(
+        self, prompt: Prompt, responses: Sequence[str], top_n: int | None = None, temperature: float = 1.0
+    ) -> list[dict[str, Any]]:
+        body = {"prompt": _prompt(prompt), "responses": list(responses), "top_n": top_n, "temperature": temperature}
+        return list((await self._request("POST", "/v1/rank", body))["ranking"])
+
+    async def rerank(self, query: str, documents: Sequence[str], top_n: int | None = None) -> list[dict[str, Any]]:
+        body = {"query": query, "documents": list(documents), "top_n": top_n, "return_documents": False}
+        return list((await self._request("POST", "/v1/rerank", body))["results"])
+
+    async def get_reward(self, queries: Sequence[str]) -> list[float]:
+        return [float(x) for x in (await self._request("POST", "/get_reward", {"query": list(queries)}))["rewards"]]
+
+
+class RewardFunction:
+    """A reward function for TRL's GRPO/RLOO trainers: `reward_funcs=[RewardFunction(url)]`.
+
+    Called as TRL calls it, `(prompts, completions, **kwargs) -> list[float]`, with plain strings or
+    conversational message lists; scores go to the server in batches of `batch_size` items.
+    """
+
+    def __init__(
+        self, client: RewardClient | str, batch_size: int = 64, normalize: bool = False, name: str = "rmserve"
+    ) -> None:
+        self.client = RewardClient(client) if isinstance(client, str) else client
+        self.batch_size = batch_size
+        self.normalize = normalize
+        self.__name__ = name  # TRL logs each reward function under its __name__
+
+    @staticmethod
+    def _completion_text(c: Any) -> str:
+        if isinstance(c, str):
+            return c
+        # Conversational: a list of messages; the assistant's reply is their content.
+        return "".join(m["content"] for m in c if m.get("role", "assistant") == "assistant")
+
+    @staticmethod
+    def _prompt(p: Any) -> Prompt:
+        return p if isinstance(p, str) else [{"role": m["role"], "content": m["content"]} for m in p]
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        # The service refuses empty text; an empty completion (a policy can produce one) is scored as " ".
+        items = [(self._prompt(p), self._completion_text(c) or " ") for p, c in zip(prompts, completions, strict=True)]
+        out: list[float] = []
+        for start in range(0, len(items), self.batch_size):
+            out.extend(self.client.score_items(items[start : start + self.batch_size], normalize=self.normalize))
+        return out
