@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import APIRouter, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.errors import NotReady
@@ -41,3 +43,12 @@ async def models(state: StateDep) -> ModelList:
     if state.card is None:
         raise NotReady("the model is loading")
     return ModelList(data=[ModelCard(**state.card)])
+
+
+PLAYGROUND = Path(__file__).resolve().parents[1] / "static" / "playground.html"
+
+
+@router.get("/playground", response_class=HTMLResponse, include_in_schema=False)
+async def playground() -> HTMLResponse:
+    """A small page to paste a prompt and answers and see them ranked (calls /v1/rank)."""
+    return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"))

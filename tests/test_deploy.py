@@ -1,0 +1,46 @@
+"""The Dockerfile and the Kubernetes manifests: linted and validated (no Docker engine or cluster here)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tool(name: str) -> str:
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        pytest.skip(f"{name} is not installed in this environment (pip install '.[test]')")
+    return str(path)
+
+
+def test_dockerfile_lints_clean() -> None:
+    proc = subprocess.run([_tool("hadolint"), str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dockerfile_keeps_its_promises() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert "USER 10001" in text and "HEALTHCHECK" in text and "/ready" in text
+    assert "torch==${TORCH_VERSION}" in text and "TORCH_VERSION=2.13.0" in text
+    assert "RMSERVE_MODEL=/models" in text
+
+
+def test_kubernetes_manifests_validate() -> None:
+    kv = pytest.importorskip("kubernetes_validate")
+    version = kv.latest_version()
+    kinds = {}
+    for f in sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml")):
+        for doc in yaml.safe_load_all(f.read_text()):
+            kv.validate(doc, version, strict=True)
+            kinds[doc["kind"]] = doc
+    assert set(kinds) == {"Deployment", "Service", "HorizontalPodAutoscaler"}
+    container = kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert container["resources"]["requests"]["cpu"]
