@@ -33,12 +33,15 @@ def test_sync_client_methods_return_plain_values(server: str) -> None:
         s = rc.score("How do I bake bread?", ["Mix flour and water.", "No idea."])
         assert isinstance(s, list) and all(type(x) is float for x in s) and len(s) == 2
         assert rc.score_items([("How do I bake bread?", "Mix flour and water.")]) == pytest.approx(s[:1], abs=1e-6)
-        assert rc.score_items([{"prompt": [{"role": "user", "content": "How do I bake bread?"}],
-                                "response": "No idea."}]) == pytest.approx(s[1:], abs=1e-6)
+        assert rc.score_items(
+            [{"prompt": [{"role": "user", "content": "How do I bake bread?"}], "response": "No idea."}]
+        ) == pytest.approx(s[1:], abs=1e-6)
         ranking = rc.rank("How do I bake bread?", ["Mix flour and water.", "No idea."])
         assert ranking[0]["index"] == (0 if s[0] > s[1] else 1)
-        assert rc.rerank("How do I bake bread?", ["Mix flour and water.", "No idea."], top_n=1)[0]["index"] == \
-            ranking[0]["index"]
+        assert (
+            rc.rerank("How do I bake bread?", ["Mix flour and water.", "No idea."], top_n=1)[0]["index"]
+            == ranking[0]["index"]
+        )
         assert rc.get_reward([]) == []
         assert rc.models()[0]["runtime"] == "torch" and rc.ready()
 
@@ -50,8 +53,10 @@ def test_typed_errors_carry_the_server_message(server: str) -> None:
     with RewardClient(server, api_key="wrong") as bad, pytest.raises(AuthenticationError) as e2:
         bad.score("x", ["y"])
     assert e2.value.status == 401
-    with RewardClient(f"http://127.0.0.1:{free_port()}", max_retries=1, backoff=0.01) as gone, \
-            pytest.raises(ConnectionFailedError):
+    with (
+        RewardClient(f"http://127.0.0.1:{free_port()}", max_retries=1, backoff=0.01) as gone,
+        pytest.raises(ConnectionFailedError),
+    ):
         gone.score("x", ["y"])
 
 
@@ -74,10 +79,12 @@ def test_client_retries_429_honouring_retry_after(rm_dir: Path) -> None:
 
     with live_server(Settings(model=str(rm_dir), max_queued=2, max_wait_ms=0), runtime_wrapper=wrap) as url:
         holder["rt"].delay = 0.4
-        busy = threading.Thread(target=lambda: httpx.post(url + "/v1/score", json={"prompt": "x", "responses": ["a"]},
-                                                          timeout=30))
-        queued = threading.Thread(target=lambda: httpx.post(
-            url + "/v1/score", json={"prompt": "x", "responses": ["b", "c"]}, timeout=30))
+        busy = threading.Thread(
+            target=lambda: httpx.post(url + "/v1/score", json={"prompt": "x", "responses": ["a"]}, timeout=30)
+        )
+        queued = threading.Thread(
+            target=lambda: httpx.post(url + "/v1/score", json={"prompt": "x", "responses": ["b", "c"]}, timeout=30)
+        )
         busy.start()
         time.sleep(0.15)
         queued.start()
@@ -98,12 +105,18 @@ def test_trl_reward_function_calling_convention(server: str) -> None:
     assert rf.__name__ == "rmserve"
     prompts = [[{"role": "user", "content": f"Question {i}?"}] for i in range(5)]
     completions = [[{"role": "assistant", "content": f"Answer {i}."}] for i in range(5)]
-    got = rf(prompts=prompts, completions=completions, completion_ids=[[1, 2]] * 5, trainer_state=None,
-             ground_truth=["x"] * 5)
+    got = rf(
+        prompts=prompts,
+        completions=completions,
+        completion_ids=[[1, 2]] * 5,
+        trainer_state=None,
+        ground_truth=["x"] * 5,
+    )
     with RewardClient(server, api_key="k") as rc:
         ref = [rc.score(p, [c[0]["content"]])[0] for p, c in zip(prompts, completions, strict=True)]
     assert got == pytest.approx(ref, abs=1e-5)
     plain = rf(prompts=["Question 0?"], completions=["Answer 0."])
-    assert plain == pytest.approx(rf(prompts=[[{"role": "user", "content": "Question 0?"}]],
-                                     completions=["Answer 0."]), abs=1e-6)
+    assert plain == pytest.approx(
+        rf(prompts=[[{"role": "user", "content": "Question 0?"}]], completions=["Answer 0."]), abs=1e-6
+    )
     assert len(rf(prompts=["q"], completions=[""])) == 1  # an empty completion still gets a score

@@ -31,9 +31,17 @@ def test_playground_ranks_in_a_real_browser(rm_dir: Path, tmp_path: Path) -> Non
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'profile'}"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
         opts.add_argument(flag)
     with live_server(Settings(model=str(rm_dir))) as url:
         answers = ["Mix flour, water, yeast and salt, then knead and bake.", "No idea.", "Thanks for asking!"]
