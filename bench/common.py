@@ -51,8 +51,9 @@ class Server:
 
     def __init__(self, cmd: Sequence[str], env: dict[str, str], port: int) -> None:
         self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen(list(cmd), env={**os.environ, **env}, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        self.proc = subprocess.Popen(
+            list(cmd), env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT
+        )
         deadline = time.time() + 300
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -90,8 +91,9 @@ def percentile(xs: Sequence[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
 
 
-async def _load(url: str, payloads: Sequence[dict[str, Any]], route: str, clients: int, seconds: float,
-                token_key: tuple[str, ...]) -> dict[str, Any]:
+async def _load(
+    url: str, payloads: Sequence[dict[str, Any]], route: str, clients: int, seconds: float, token_key: tuple[str, ...]
+) -> dict[str, Any]:
     lat: list[float] = []
     tokens = 0
     errors: dict[str, int] = {}
@@ -125,12 +127,26 @@ async def _load(url: str, payloads: Sequence[dict[str, Any]], route: str, client
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as c:
         await asyncio.gather(*(client(c) for _ in range(clients)))
     wall = time.perf_counter() - t0
-    return {"requests": done, "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
-            "p50_ms": percentile(lat, 50) * 1000, "p99_ms": percentile(lat, 99) * 1000, "errors": errors}
+    return {
+        "requests": done,
+        "tokens": tokens,
+        "seconds": wall,
+        "tokens_per_s": tokens / wall,
+        "p50_ms": percentile(lat, 50) * 1000,
+        "p99_ms": percentile(lat, 99) * 1000,
+        "errors": errors,
+    }
 
 
-def run_load(url: str, payloads: Sequence[dict[str, Any]], *, route: str = "/v1/score", clients: int = 32,
-             seconds: float = 30.0, token_key: tuple[str, ...] = ("usage", "tokens")) -> dict[str, Any]:
+def run_load(
+    url: str,
+    payloads: Sequence[dict[str, Any]],
+    *,
+    route: str = "/v1/score",
+    clients: int = 32,
+    seconds: float = 30.0,
+    token_key: tuple[str, ...] = ("usage", "tokens"),
+) -> dict[str, Any]:
     return asyncio.run(_load(url, payloads, route, clients, seconds, token_key))
 
 

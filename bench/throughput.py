@@ -110,23 +110,43 @@ def main() -> None:
                 export_onnx(model_dir, int8=dtype == "int8")
             rt, _ = OnnxRuntime.load(model_dir, threads=threads, int8=dtype == "int8")
         raw[spec] = raw_throughput(rt, seqs, (2048, 8192), args.raw_seconds)
-        print(f"raw {spec:16s} {raw[spec]['tokens_per_s']:8.0f} tokens/s (batch {raw[spec]['batch_tokens']})",
-              flush=True)
+        print(
+            f"raw {spec:16s} {raw[spec]['tokens_per_s']:8.0f} tokens/s (batch {raw[spec]['batch_tokens']})", flush=True
+        )
         del rt
     fastest = max(raw, key=lambda k: raw[k]["tokens_per_s"])
     service_spec = args.service_runtime or fastest
     s_name, s_dtype = service_spec.split(":")
 
     port = free_port()
-    server = Server([python(), "-m", "service.cli", "serve", "--model", str(model_dir), "--port", str(port),
-                     "--runtime", s_name, "--dtype", s_dtype], {}, port)
+    server = Server(
+        [
+            python(),
+            "-m",
+            "service.cli",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--runtime",
+            s_name,
+            "--dtype",
+            s_dtype,
+        ],
+        {},
+        port,
+    )
     try:
         run_load(server.url, payloads, clients=args.clients, seconds=3)  # warm up
         service = run_load(server.url, payloads, clients=args.clients, seconds=args.seconds)
     finally:
         server.stop()
-    print(f"service ({service_spec}) {service['tokens_per_s']:8.0f} tokens/s  p50 {service['p50_ms']:.0f} ms  "
-          f"p99 {service['p99_ms']:.0f} ms  errors {service['errors']}", flush=True)
+    print(
+        f"service ({service_spec}) {service['tokens_per_s']:8.0f} tokens/s  p50 {service['p50_ms']:.0f} ms  "
+        f"p99 {service['p99_ms']:.0f} ms  errors {service['errors']}",
+        flush=True,
+    )
 
     port = free_port()
     naive_srv = Server([python(), "bench/naive_server.py", str(model_dir), str(port)], {}, port)
@@ -135,8 +155,11 @@ def main() -> None:
         naive = run_load(naive_srv.url, payloads, clients=args.clients, seconds=args.seconds)
     finally:
         naive_srv.stop()
-    print(f"naive (torch fp32, one request at a time) {naive['tokens_per_s']:8.0f} tokens/s  "
-          f"p50 {naive['p50_ms']:.0f} ms  p99 {naive['p99_ms']:.0f} ms", flush=True)
+    print(
+        f"naive (torch fp32, one request at a time) {naive['tokens_per_s']:8.0f} tokens/s  "
+        f"p50 {naive['p50_ms']:.0f} ms  p99 {naive['p99_ms']:.0f} ms",
+        flush=True,
+    )
 
     result = {
         "model": str(model_dir),
@@ -165,7 +188,9 @@ def main() -> None:
     print(f"| limit (best matmul peak / 2 x non-embedding params) | {limit:.0f} |")
     for k, v in raw.items():
         print(f"| raw {k} | {v['tokens_per_s']:.0f} |")
-    print(f"| service {service_spec}, {args.clients} clients x {args.answers} answers | {service['tokens_per_s']:.0f} |")
+    print(
+        f"| service {service_spec}, {args.clients} clients x {args.answers} answers | {service['tokens_per_s']:.0f} |"
+    )
     print(f"| naive server | {naive['tokens_per_s']:.0f} |")
     print(json.dumps(result))
 
