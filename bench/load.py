@@ -14,13 +14,12 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import httpx  # noqa: E402
+import httpx
 
-from bench.common import Server, free_port, hh_examples, percentile, python, resolve_model  # noqa: E402
+from bench.common import Server, free_port, hh_examples, percentile, python, resolve_model
 
 
 def main() -> None:

@@ -12,12 +12,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import uvicorn  # noqa: E402
-from fastapi import FastAPI  # noqa: E402
-from pydantic import BaseModel  # noqa: E402
+import torch
+import uvicorn
+from fastapi import FastAPI
+from pydantic import BaseModel
 
-from models.reward_model import RewardModel, collate  # noqa: E402
+from models.reward_model import RewardModel, collate
 
 
 class Req(BaseModel):

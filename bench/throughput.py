@@ -18,9 +18,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from bench.common import Server, free_port, hh_examples, python, resolve_model, run_load  # noqa: E402
+from bench.common import Server, free_port, hh_examples, python, resolve_model, run_load
 
 
 def matmul_peak(dtype: torch.dtype, seconds: float = 3.0) -> float:
