@@ -82,7 +82,9 @@ def load_runtime(settings: Settings, model_dir: Path) -> tuple[Runtime, Any, Any
         model, tokenizer = RewardModel.load(
             model_dir, dtype=dtype, device=settings.device, trust_remote_code=settings.trust_remote_code
         )
-        runtime = TorchRuntime(model, tokenizer.pad_token_id)
+        runtime = TorchRuntime(
+            model, tokenizer.pad_token_id, prefix_sharing=settings.prefix_sharing, min_prefix=settings.prefix_min_tokens
+        )
         cfg = model.config
         params = sum(p.numel() for p in model.parameters())
     card = {

@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(60.0, gt=0, description="per-request deadline; past it 504")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 429")
     unhealthy_after_failures: int = Field(3, ge=1, description="consecutive failed batches before /ready says 503")
+    prefix_sharing: bool = Field(
+        True, description="torch runtime: run a token prefix shared by sequences in a batch once (KV cache)"
+    )
+    prefix_min_tokens: int = Field(16, ge=1, description="shortest shared prefix worth a separate pass")
     log_texts: bool = Field(False, description="log request texts (debug only; off by default)")
     trust_remote_code: bool = Field(False, description="allow a model's own Python code (off: never run it)")
 
