@@ -103,7 +103,7 @@ def main() -> None:
         name, dtype = spec.split(":")
         if name == "torch":
             m, _ = RewardModel.load(model_dir, dtype=dtype)
-            rt: Any = TorchRuntime(m, tok.pad_token_id)
+            rt: Any = TorchRuntime(m, tok.pad_token_id, prefix_sharing=False)  # the plain forward pass
         else:
             fname = ONNX_INT8 if dtype == "int8" else ONNX_FP32
             if not (model_dir / fname).is_file():
@@ -118,9 +118,9 @@ def main() -> None:
     service_spec = args.service_runtime or fastest
     s_name, s_dtype = service_spec.split(":")
 
-    port = free_port()
-    server = Server(
-        [
+    def run_service(sharing: bool) -> dict[str, Any]:
+        port = free_port()
+        cmd = [
             python(),
             "-m",
             "service.cli",
@@ -133,20 +133,23 @@ def main() -> None:
             s_name,
             "--dtype",
             s_dtype,
-        ],
-        {},
-        port,
-    )
-    try:
-        run_load(server.url, payloads, clients=args.clients, seconds=3)  # warm up
-        service = run_load(server.url, payloads, clients=args.clients, seconds=args.seconds)
-    finally:
-        server.stop()
-    print(
-        f"service ({service_spec}) {service['tokens_per_s']:8.0f} tokens/s  p50 {service['p50_ms']:.0f} ms  "
-        f"p99 {service['p99_ms']:.0f} ms  errors {service['errors']}",
-        flush=True,
-    )
+        ]
+        server = Server(cmd, {"RMSERVE_PREFIX_SHARING": "true" if sharing else "false"}, port)
+        try:
+            run_load(server.url, payloads, clients=args.clients, seconds=3)  # warm up
+            res = run_load(server.url, payloads, clients=args.clients, seconds=args.seconds)
+        finally:
+            server.stop()
+        print(
+            f"service ({service_spec}, prefix sharing {'on' if sharing else 'off'}) "
+            f"{res['tokens_per_s']:8.0f} tokens/s  p50 {res['p50_ms']:.0f} ms  p99 {res['p99_ms']:.0f} ms  "
+            f"errors {res['errors']}",
+            flush=True,
+        )
+        return res
+
+    service_plain = run_service(False)
+    service = run_service(True) if s_name == "torch" else service_plain
 
     port = free_port()
     naive_srv = Server([python(), "bench/naive_server.py", str(model_dir), str(port)], {}, port)
@@ -176,7 +179,10 @@ def main() -> None:
         "naive_tokens_per_s": round(naive["tokens_per_s"], 1),
         "naive_p50_ms": round(naive["p50_ms"], 1),
         "naive_p99_ms": round(naive["p99_ms"], 1),
+        "service_no_sharing_tokens_per_s": round(service_plain["tokens_per_s"], 1),
+        "service_no_sharing_p99_ms": round(service_plain["p99_ms"], 1),
         "service_over_raw": round(service["tokens_per_s"] / raw[service_spec]["tokens_per_s"], 3),
+        "service_no_sharing_over_raw": round(service_plain["tokens_per_s"] / raw[service_spec]["tokens_per_s"], 3),
         "service_over_naive": round(service["tokens_per_s"] / naive["tokens_per_s"], 3),
         "raw_over_limit": round(raw[fastest]["tokens_per_s"] / limit, 3),
         "clients": args.clients,

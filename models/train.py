@@ -70,6 +70,7 @@ class TrainConfig:
     skip_bad: bool = False  # skip malformed lines (counted) instead of stopping
     norm_samples: int = 512  # training responses scored for the normalization mean/std
     cache_frozen: str = "auto"  # top-n: compute the frozen bottom layers once per sequence (auto | on | off)
+    prefix_sharing: str = "off"  # run each prompt once for all its responses, gradients through it (on | off)
     halt_after: int = 0  # testing aid: stop abruptly after N steps, like a kill (no final model)
 
 
@@ -117,6 +118,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         default=d.cache_frozen,
         help="top-n: run the frozen bottom layers once per sequence and train on cached states "
         "(auto: on for Llama-family bodies on one process)",
+    )
+    p.add_argument(
+        "--prefix-sharing",
+        choices=["on", "off"],
+        default=d.prefix_sharing,
+        help="run each prompt once (KV cache) for all its responses; not with the frozen cache",
     )
     p.add_argument("--halt-after", type=int, default=0, help=argparse.SUPPRESS)
 
@@ -355,6 +362,7 @@ class Scorer:
         self.fwd, self.model, self.pad_id, self.device, self.amp = fwd, model, pad_id, device, amp
         self.cache: dict[int, list[list[torch.Tensor]]] = {}  # id(groups list) -> per group, per response
         self.n_top = 0
+        self.prefix_sharing = False  # run each prompt once for all its responses (KV cache, gradients flow)
 
     def build_cache(self, groups_lists: Sequence[Sequence[EncodedExample]], n_top: int, batch_tokens: int) -> None:
         from models.frozen_cache import frozen_features
@@ -378,9 +386,40 @@ class Scorer:
             feats = self.cache[id(groups)]
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                 return rewards_from_features(self.model, [feats[g][j] for g, j in batch.keys], self.n_top).float()
+        if self.prefix_sharing:
+            return self._shared_rewards(groups, batch)
         ids, mask = collate(batch.seqs, self.pad_id, "right", self.device)
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             return self.fwd(ids, mask).float()  # (N,)
+
+    def _shared_rewards(self, groups: Sequence[EncodedExample], batch: Batch) -> torch.Tensor:
+        """Each prompt's tokens run once, its K responses on the expanded KV cache; responses whose
+        prompt is not an exact token prefix go through the plain batched pass."""
+        from models.prefix import shared_prefix_rewards
+
+        members: dict[int, list[int]] = {}
+        for pos, (g, _j) in enumerate(batch.keys):
+            members.setdefault(g, []).append(pos)
+        order: list[int] = []
+        pieces: list[torch.Tensor] = []
+        plain: list[int] = []
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            for g, positions in members.items():
+                lens = {groups[g].prompt_lens[batch.keys[p][1]] for p in positions}
+                plen = lens.pop() if len(lens) == 1 else 0
+                seqs = [batch.seqs[p] for p in positions]
+                if len(positions) < 2 or plen <= 0 or any(len(s) <= plen or s[:plen] != seqs[0][:plen] for s in seqs):
+                    plain.extend(positions)
+                    continue
+                pieces.append(shared_prefix_rewards(self.model, seqs[0][:plen], [s[plen:] for s in seqs]).float())
+                order.extend(positions)
+            if plain:
+                ids, mask = collate([batch.seqs[p] for p in plain], self.pad_id, "right", self.device)
+                pieces.append(self.fwd(ids, mask).float())
+                order.extend(plain)
+        vals = torch.cat(pieces)  # (N,) in `order`
+        inverse = torch.argsort(torch.tensor(order, device=vals.device))
+        return vals[inverse]
 
 
 def _loss(
@@ -495,6 +534,7 @@ def train(cfg: TrainConfig) -> Path:
 
         fwd = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
     scorer = Scorer(fwd, model, pad_id, device, amp)
+    scorer.prefix_sharing = cfg.prefix_sharing == "on" and world == 1
     if use_frozen_cache(cfg, model, world):
         t_cache = time.time()
         scorer.build_cache([train_groups, dev_groups], cfg.top_n, cfg.batch_tokens * 2)

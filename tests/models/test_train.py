@@ -236,3 +236,40 @@ def test_training_with_and_without_the_cache_agree(tmp_path: Path, llama_dir: Pa
     da = json.loads((on / "metrics.json").read_text())["dev"]
     db = json.loads((off / "metrics.json").read_text())["dev"]
     assert da["accuracy"] == db["accuracy"]
+
+
+def test_prefix_sharing_step_matches_plain_loss_and_gradients(llama_dir: Path) -> None:
+    from models.losses import pairwise_loss
+    from models.train import Scorer
+
+    model, tok = RewardModel.from_backbone(llama_dir, max_length=128, seed=4)
+    model.train()
+    f = model.formatter(tok)
+    exs = [
+        RankedExample(
+            [{"role": "user", "content": "How do I bake bread? Tell me the steps."}],
+            ["Mix flour.", "No", "Knead, then bake for an hour."],
+            [0, 2, 1],
+        ),
+        RankedExample([{"role": "user", "content": "Numbers?"}], ["0123456789", "no"], [0, 1]),
+    ]
+    groups = encode_examples(f, exs)
+    batch = build_batch(groups, [0, 1])
+
+    def loss_and_grads(sharing: bool) -> tuple[float, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        scorer = Scorer(model, model, tok.pad_token_id, torch.device("cpu"), None)
+        scorer.prefix_sharing = sharing
+        r = scorer.rewards(groups, batch)
+        loss, _ = pairwise_loss(
+            r, torch.tensor(batch.better), torch.tensor(batch.worse), torch.tensor(batch.pair_group)
+        )
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    l0, g0 = loss_and_grads(False)
+    l1, g1 = loss_and_grads(True)
+    assert abs(l0 - l1) < 1e-4
+    assert g0.keys() == g1.keys() and len(g0) > 10
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], atol=1e-4), n

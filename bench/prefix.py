@@ -1,0 +1,142 @@
+"""Shared-prefix benchmark: the same work with and without computing each prompt once, in one run,
+on real HH-RLHF dialogues. Prints a table and one JSON object on its last line.
+
+    python bench/prefix.py --model DIR [--seconds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from bench.common import Server, free_port, hh_examples, python, resolve_model, run_load
+
+
+def payloads_for(exs: list[Any], k: int, n: int) -> list[dict[str, Any]]:
+    """n requests: an HH prompt with its chosen and rejected answers plus k - 2 answers from other dialogues."""
+    out = []
+    for i, ex in enumerate(exs[:n]):
+        extra = [exs[(i + j + 1) % len(exs)].responses[j % 2] for j in range(max(0, k - 2))]
+        out.append({"prompt": ex.prompt, "responses": (ex.responses + extra)[:k]})
+    return out
+
+
+def service_tps(
+    model_dir: Path, payloads: list[dict[str, Any]], route: str, sharing: bool, seconds: float, clients: int
+) -> dict[str, Any]:
+    port = free_port()
+    cmd = [
+        python(),
+        "-m",
+        "service.cli",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--runtime",
+        "torch",
+        "--dtype",
+        "float32",
+    ]
+    server = Server(cmd, {"RMSERVE_PREFIX_SHARING": "true" if sharing else "false"}, port)
+    try:
+        run_load(server.url, payloads, route=route, clients=clients, seconds=3)
+        return run_load(server.url, payloads, route=route, clients=clients, seconds=seconds)
+    finally:
+        server.stop()
+
+
+def train_tps(model_dir: Path, exs: list[Any], sharing: bool, steps: int) -> float:
+    """Trainer tokens/s (forward + backward, top 2 layers trained, no frozen cache) on HH pairs."""
+    from models.evaluate import encode_examples
+    from models.losses import pairwise_loss
+    from models.reward_model import RewardModel
+    from models.train import Scorer, TrainConfig, apply_method, build_batch, make_batches
+
+    model, tok = RewardModel.load(model_dir, dtype="float32")
+    apply_method(model, TrainConfig(method="top-n", top_n=2))
+    model.train()
+    groups = encode_examples(model.formatter(tok), exs)
+    batches = make_batches(groups, 4096)
+    scorer = Scorer(model, model, tok.pad_token_id, torch.device("cpu"), None)
+    scorer.prefix_sharing = sharing
+    tokens = 0
+    t0 = 0.0
+    for step, idx in enumerate(batches[: steps + 1]):
+        if step == 1:  # the first step warms up
+            t0, tokens = time.perf_counter(), 0
+        b = build_batch(groups, idx)
+        r = scorer.rewards(groups, b)
+        loss, _ = pairwise_loss(r, torch.tensor(b.better), torch.tensor(b.worse), torch.tensor(b.pair_group))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        tokens += b.real_tokens
+    return tokens / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--train-steps", type=int, default=6)
+    args = ap.parse_args()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    model_dir = resolve_model(args.model)
+    exs = hh_examples(300, seed=1)
+
+    from models.reward_model import RewardModel
+    from service.runtimes.torch_runtime import TorchRuntime
+
+    # Exactness: the same sequences scored with and without sharing, in-process.
+    model, tok = RewardModel.load(model_dir, dtype="float32")
+    fmt = model.formatter(tok)
+    on = TorchRuntime(model, tok.pad_token_id, prefix_sharing=True)
+    off = TorchRuntime(model, tok.pad_token_id, prefix_sharing=False)
+    max_diff = 0.0
+    for p in payloads_for(exs, 8, 8):
+        seqs = [fmt.encode(p["prompt"], r).ids for r in p["responses"]]
+        max_diff = max(max_diff, max(abs(a - b) for a, b in zip(on.score(seqs), off.score(seqs), strict=True)))
+    del model, on, off
+
+    rank8 = payloads_for(exs, 8, 150)
+    score4 = payloads_for(exs, 4, 150)
+    res: dict[str, Any] = {}
+    for name, payloads, route in (("rank8", rank8, "/v1/rank"), ("score4", score4, "/v1/score")):
+        off_r = service_tps(model_dir, payloads, route, False, args.seconds, args.clients)
+        on_r = service_tps(model_dir, payloads, route, True, args.seconds, args.clients)
+        res[name] = {"off": off_r, "on": on_r}
+        print(
+            f"{name:7s} sharing off {off_r['tokens_per_s']:7.0f} tokens/s (p50 {off_r['p50_ms']:.0f} ms)   "
+            f"on {on_r['tokens_per_s']:7.0f} tokens/s (p50 {on_r['p50_ms']:.0f} ms)",
+            flush=True,
+        )
+    train_off = train_tps(model_dir, exs[:120], False, args.train_steps)
+    train_on = train_tps(model_dir, exs[:120], True, args.train_steps)
+    print(f"train   sharing off {train_off:7.0f} tokens/s   on {train_on:7.0f} tokens/s", flush=True)
+    out = {
+        "model": str(model_dir),
+        "speedup_rank8": round(res["rank8"]["on"]["tokens_per_s"] / res["rank8"]["off"]["tokens_per_s"], 3),
+        "speedup_score4": round(res["score4"]["on"]["tokens_per_s"] / res["score4"]["off"]["tokens_per_s"], 3),
+        "speedup_train_pairs": round(train_on / train_off, 3),
+        "max_abs_diff": max_diff,
+        "rank8_tokens_per_s": {k: round(v["tokens_per_s"], 1) for k, v in res["rank8"].items()},
+        "score4_tokens_per_s": {k: round(v["tokens_per_s"], 1) for k, v in res["score4"].items()},
+        "train_tokens_per_s": {"off": round(train_off, 1), "on": round(train_on, 1)},
+        "rank8_p50_ms": {k: round(v["p50_ms"], 1) for k, v in res["rank8"].items()},
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
