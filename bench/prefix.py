@@ -48,7 +48,10 @@ def service_tps(
         "--dtype",
         "float32",
     ]
-    server = Server(cmd, {"RMSERVE_PREFIX_SHARING": "true" if sharing else "false"}, port)
+    # A long deadline: at saturation on two cores a request waits tens of seconds, and a 504 would
+    # drop its tokens from the count.
+    env = {"RMSERVE_PREFIX_SHARING": "true" if sharing else "false", "RMSERVE_REQUEST_TIMEOUT_S": "600"}
+    server = Server(cmd, env, port)
     try:
         run_load(server.url, payloads, route=route, clients=clients, seconds=3)
         return run_load(server.url, payloads, route=route, clients=clients, seconds=seconds)
@@ -117,8 +120,9 @@ def main() -> None:
         on_r = service_tps(model_dir, payloads, route, True, args.seconds, args.clients)
         res[name] = {"off": off_r, "on": on_r}
         print(
-            f"{name:7s} sharing off {off_r['tokens_per_s']:7.0f} tokens/s (p50 {off_r['p50_ms']:.0f} ms)   "
-            f"on {on_r['tokens_per_s']:7.0f} tokens/s (p50 {on_r['p50_ms']:.0f} ms)",
+            f"{name:7s} sharing off {off_r['tokens_per_s']:7.0f} tokens/s (p50 {off_r['p50_ms']:.0f} ms, "
+            f"errors {off_r['errors']})   on {on_r['tokens_per_s']:7.0f} tokens/s (p50 {on_r['p50_ms']:.0f} ms, "
+            f"errors {on_r['errors']})",
             flush=True,
         )
     train_off = train_tps(model_dir, exs[:120], False, args.train_steps)

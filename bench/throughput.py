@@ -134,7 +134,8 @@ def main() -> None:
             "--dtype",
             s_dtype,
         ]
-        server = Server(cmd, {"RMSERVE_PREFIX_SHARING": "true" if sharing else "false"}, port)
+        env = {"RMSERVE_PREFIX_SHARING": "true" if sharing else "false", "RMSERVE_REQUEST_TIMEOUT_S": "600"}
+        server = Server(cmd, env, port)
         try:
             run_load(server.url, payloads, clients=args.clients, seconds=3)  # warm up
             res = run_load(server.url, payloads, clients=args.clients, seconds=args.seconds)
