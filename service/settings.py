@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="when set, scoring routes need 'Authorization: Bearer KEY'")
     auth_open_routes: bool = Field(False, description="also require the key on /health, /ready and /metrics")
 
-    max_batch_tokens: int = Field(16384, ge=64, description="padded tokens (longest x count) per forward pass")
+    max_batch_tokens: int = Field(4096, ge=64, description="padded tokens (longest x count) per forward pass")
     max_batch_size: int = Field(64, ge=1, description="sequences per forward pass")
     max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits for more work once the model is idle")
     max_queued: int = Field(2048, ge=1, description="sequences waiting at most; beyond it 429 at once")
