@@ -68,7 +68,13 @@ def load_runtime(settings: Settings, model_dir: Path) -> tuple[Runtime, Any, Any
     from models.reward_model import RewardModel, read_config
 
     torch.set_num_threads(settings.threads or _cores())
-    if settings.runtime == "onnx":
+    runtime_name = settings.runtime
+    if runtime_name == "auto":
+        from models.export import ONNX_FP32, ONNX_INT8
+
+        exported = (model_dir / ONNX_INT8).is_file() or (model_dir / ONNX_FP32).is_file()
+        runtime_name = "onnx" if exported and settings.device == "cpu" and settings.dtype != "bfloat16" else "torch"
+    if runtime_name == "onnx":
         from service.runtimes.onnx_runtime import OnnxRuntime
 
         int8 = None if settings.dtype == "auto" else settings.dtype == "int8"

@@ -77,7 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="serve a reward model over HTTP")
     s.add_argument("--model", default=None, help="model directory (default: the assembled default model)")
-    s.add_argument("--runtime", default=None, choices=["torch", "onnx"], help="inference runtime")
+    s.add_argument(
+        "--runtime",
+        default=None,
+        choices=["auto", "torch", "onnx"],
+        help="auto (default): ONNX Runtime when the model has an export, else torch",
+    )
     s.add_argument(
         "--dtype",
         default=None,

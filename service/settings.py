@@ -13,7 +13,11 @@ class Settings(BaseSettings):
 
     model: str | None = Field(None, description="model directory; unset = the assembled default model")
     model_id: str | None = Field(None, description="name reported in responses (default: the folder name)")
-    runtime: Literal["torch", "onnx"] = Field("torch", description="inference runtime")
+    runtime: Literal["auto", "torch", "onnx"] = Field(
+        "auto",
+        description="inference runtime; auto = ONNX Runtime when the model directory holds an export "
+        "(int8 preferred: the fastest on CPUs without native bf16), else torch",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "int8"] = Field(
         "auto",
         description="torch: float32 | bfloat16 (auto = bf16 where the hardware runs it natively, else fp32); "

@@ -75,3 +75,19 @@ def test_service_on_onnx_runtime(exported: Path) -> None:
         assert body["scores"] == pytest.approx(ref, abs=1e-4)
         m = c.get("/v1/models").json()["data"][0]
         assert m["runtime"] == "onnx" and m["dtype"] == "float32"
+
+
+def test_auto_runtime_prefers_the_export(exported: Path, rm_dir: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    with TestClient(create_app(Settings(model=str(exported)))) as c:
+        m = c.get("/v1/models").json()["data"][0]
+        assert (m["runtime"], m["dtype"]) == ("onnx", "int8")
+    with TestClient(create_app(Settings(model=str(exported), dtype="float32"))) as c:
+        m = c.get("/v1/models").json()["data"][0]
+        assert (m["runtime"], m["dtype"]) == ("onnx", "float32")
+    with TestClient(create_app(Settings(model=str(rm_dir)))) as c:
+        assert c.get("/v1/models").json()["data"][0]["runtime"] == "torch"
