@@ -15,13 +15,13 @@ class Settings(BaseSettings):
     model_id: str | None = Field(None, description="name reported in responses (default: the folder name)")
     runtime: Literal["auto", "torch", "onnx"] = Field(
         "auto",
-        description="inference runtime; auto = ONNX Runtime when the model directory holds an export "
-        "(int8 preferred: the fastest on CPUs without native bf16), else torch",
+        description="inference runtime; auto = ONNX Runtime fp32 when the model directory holds that export "
+        "(faster than torch fp32 on CPUs without native bf16), else torch",
     )
     dtype: Literal["auto", "float32", "bfloat16", "int8"] = Field(
         "auto",
         description="torch: float32 | bfloat16 (auto = bf16 where the hardware runs it natively, else fp32); "
-        "onnx: float32 | int8 (auto = the exported file present, int8 if only that one)",
+        "onnx: float32 | int8 (auto = float32; int8 only when asked)",
     )
     device: str = Field("cpu", description="cpu or cuda")
     threads: int | None = Field(None, ge=1, description="intra-op threads (default: the cores available)")
