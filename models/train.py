@@ -521,7 +521,8 @@ def train(cfg: TrainConfig) -> Path:
     opt = torch.optim.AdamW(groups_opt, weight_decay=cfg.weight_decay)
 
     batches = make_batches(train_groups, cfg.batch_tokens)
-    my_batches = batches[rank::world] if world > 1 else batches
+    # Every rank takes the same number of batches (DDP steps in lockstep); a remainder < world is left out.
+    my_batches = batches[rank::world][: len(batches) // world] if world > 1 else batches
     steps_per_epoch = math.ceil(len(my_batches) / cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, cfg.warmup))
@@ -619,6 +620,7 @@ def train(cfg: TrainConfig) -> Path:
             dist.destroy_process_group()
             return out
 
+    scorer.fwd = model  # no DDP collectives from here on: only rank 0 evaluates and saves
     changed = sum(int(not torch.equal(before[n], p.detach())) for n, p in model.named_parameters() if n in before)
     merge_method(model, cfg)
     model.eval()

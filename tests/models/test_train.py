@@ -273,3 +273,51 @@ def test_prefix_sharing_step_matches_plain_loss_and_gradients(llama_dir: Path) -
     assert g0.keys() == g1.keys() and len(g0) > 10
     for n in g0:
         assert torch.allclose(g0[n], g1[n], atol=1e-4), n
+
+
+@pytest.mark.slow
+def test_trains_under_torchrun_with_two_processes(tmp_path: Path, llama_dir: Path, syn: Path) -> None:
+    """DDP on CPU (gloo): the same trainer, two ranks, rank 0 writes the model."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "service.cli",
+        "train",
+        "--backbone",
+        str(llama_dir),
+        "--data",
+        str(syn),
+        "--out",
+        str(out),
+        "--method",
+        "full",
+        "--lr",
+        "2e-3",
+        "--max-steps",
+        "6",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--batch-tokens",
+        "1024",
+        "--dev-fraction",
+        "0.2",
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    card = json.loads((out / "metrics.json").read_text())
+    assert card["training"]["steps"] == 6
+    assert card["training"]["trainable_tensors_changed"] == card["training"]["trainable_tensors"]
+    RewardModel.load(out)
