@@ -129,6 +129,7 @@ def main() -> None:
         "rss_start_mb": round(rss_start, 1),
         "rss_end_mb": round(rss_end, 1),
         "rss_growth_second_half_mb": round(half[-1] - half[0], 1),
+        "rss_samples_mb": [round(x) for x in rss_samples],
         "server_requests_total": sum(
             float(ln.split()[-1]) for ln in metrics.splitlines() if ln.startswith("rmserve_requests_total{")
         ),

@@ -152,3 +152,27 @@ def test_real_backbone_trims_and_scores(real_backbone: Path) -> None:
     together = model.score_ids(seqs, tok.pad_token_id, batch_size=4, side="left")
     assert all(torch.isfinite(torch.tensor(alone)))
     assert together == pytest.approx(alone, abs=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_other_architectures_trim_and_are_batch_invariant(arch: str, tmp_path: Path, tokenizer: Any) -> None:
+    from tests.tiny import make_mistral, make_qwen2, save_lm
+
+    lm = (make_qwen2 if arch == "qwen2" else make_mistral)(len(tokenizer))
+    d = save_lm(lm, tokenizer, tmp_path / arch)
+    model, tok = RewardModel.from_backbone(d, max_length=128, seed=3)
+    model.eval()
+    assert model.config.model_type == arch and not hasattr(model.body, "lm_head")
+    seqs = _seqs(model, tok)
+    alone = [model.score_ids([s], tok.pad_token_id)[0] for s in seqs]
+    for side in ("right", "left"):
+        assert model.score_ids(seqs, tok.pad_token_id, side=side) == pytest.approx(alone, abs=1e-5)
+
+
+def test_bf16_batch_tolerance(rm_dir: Path) -> None:
+    """bf16 is not bit-repeatable across batch shapes; measured on the tiny model: well under 0.05."""
+    model, tok = RewardModel.load(rm_dir, dtype="bfloat16")
+    seqs = _seqs(model, tok)
+    alone = [model.score_ids([s], tok.pad_token_id)[0] for s in seqs]
+    together = model.score_ids(seqs, tok.pad_token_id, batch_size=len(seqs))
+    assert max(abs(a - b) for a, b in zip(alone, together, strict=True)) < 0.05
