@@ -100,7 +100,18 @@ def _prompt(p: Prompt) -> Any:
     return p if isinstance(p, str) else [dict(m) for m in p]
 
 
+def _items_payload(items: Sequence[tuple[Prompt, str] | Mapping[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {"prompt": _prompt(it["prompt"]), "response": it["response"]}
+        if isinstance(it, Mapping)
+        else {"prompt": _prompt(it[0]), "response": it[1]}
+        for it in items
+    ]
+
+
 class _Base:
+    """What the sync and async clients share: settings, request bodies and the retry decision."""
+
     def __init__(
         self, base_url: str, api_key: str | None, timeout: float, max_retries: int, backoff: float, max_delay: float
     ) -> None:
@@ -108,6 +119,36 @@ class _Base:
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout, self.max_retries, self.backoff, self.max_delay = timeout, max_retries, backoff, max_delay
         self.retries = 0  # how many times a request was retried (for monitoring)
+        self.limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
+
+    def _retry_after(self, response: httpx.Response | None, error: Exception | None, attempt: int) -> float | None:
+        """Seconds to wait before retrying, or None to stop (raising the typed error)."""
+        retryable = error is not None or (response is not None and response.status_code in RETRY_STATUSES)
+        if not retryable or attempt >= self.max_retries:
+            return None
+        self.retries += 1
+        return _delay(response, attempt, self.backoff, self.max_delay)
+
+    @staticmethod
+    def _result(response: httpx.Response | None, error: Exception | None) -> Any:
+        if error is not None:
+            raise ConnectionFailedError(0, f"{type(error).__name__}: {error}") from error
+        assert response is not None
+        if response.status_code >= 400:
+            raise _error_from(response)
+        return response.json()
+
+    @staticmethod
+    def _score_body(prompt: Prompt, responses: Sequence[str], normalize: bool) -> dict[str, Any]:
+        return {"prompt": _prompt(prompt), "responses": list(responses), "normalize": normalize}
+
+    @staticmethod
+    def _rank_body(prompt: Prompt, responses: Sequence[str], top_n: int | None, temperature: float) -> dict[str, Any]:
+        return {"prompt": _prompt(prompt), "responses": list(responses), "top_n": top_n, "temperature": temperature}
+
+    @staticmethod
+    def _rerank_body(query: str, documents: Sequence[str], top_n: int | None) -> dict[str, Any]:
+        return {"query": query, "documents": list(documents), "top_n": top_n, "return_documents": False}
 
 
 class RewardClient(_Base):
@@ -131,12 +172,7 @@ class RewardClient(_Base):
         max_delay: float = 30.0,
     ) -> None:
         super().__init__(base_url, api_key, timeout, max_retries, backoff, max_delay)
-        self._http = httpx.Client(
-            base_url=self.base_url,
-            headers=self.headers,
-            timeout=timeout,
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
-        )
+        self._http = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=timeout, limits=self.limits)
 
     def close(self) -> None:
         self._http.close()
@@ -150,50 +186,38 @@ class RewardClient(_Base):
     def _request(self, method: str, path: str, json: Any = None) -> Any:
         attempt = 0
         while True:
+            response, error = None, None
             try:
-                r = self._http.request(method, path, json=json)
+                response = self._http.request(method, path, json=json)
             except httpx.TransportError as e:
-                if attempt >= self.max_retries:
-                    raise ConnectionFailedError(0, f"{type(e).__name__}: {e}") from e
-                time.sleep(_delay(None, attempt, self.backoff, self.max_delay))
-                attempt += 1
-                self.retries += 1
-                continue
-            if r.status_code in RETRY_STATUSES and attempt < self.max_retries:
-                time.sleep(_delay(r, attempt, self.backoff, self.max_delay))
-                attempt += 1
-                self.retries += 1
-                continue
-            if r.status_code >= 400:
-                raise _error_from(r)
-            return r.json()
+                error = e
+            wait = self._retry_after(response, error, attempt)
+            if wait is None:
+                return self._result(response, error)
+            time.sleep(wait)
+            attempt += 1
 
     def score(self, prompt: Prompt, responses: Sequence[str], normalize: bool = False) -> list[float]:
-        body = {"prompt": _prompt(prompt), "responses": list(responses), "normalize": normalize}
-        return [float(x) for x in self._request("POST", "/v1/score", body)["scores"]]
+        return [
+            float(x)
+            for x in self._request("POST", "/v1/score", self._score_body(prompt, responses, normalize))["scores"]
+        ]
 
     def score_items(
         self, items: Sequence[tuple[Prompt, str] | Mapping[str, Any]], normalize: bool = False
     ) -> list[float]:
-        payload = [
-            {"prompt": _prompt(it["prompt"]), "response": it["response"]}
-            if isinstance(it, Mapping)
-            else {"prompt": _prompt(it[0]), "response": it[1]}
-            for it in items
-        ]
-        return [
-            float(x) for x in self._request("POST", "/v1/score", {"items": payload, "normalize": normalize})["scores"]
-        ]
+        body = {"items": _items_payload(items), "normalize": normalize}
+        return [float(x) for x in self._request("POST", "/v1/score", body)["scores"]]
 
     def rank(
         self, prompt: Prompt, responses: Sequence[str], top_n: int | None = None, temperature: float = 1.0
     ) -> list[dict[str, Any]]:
-        body = {"prompt": _prompt(prompt), "responses": list(responses), "top_n": top_n, "temperature": temperature}
-        return list(self._request("POST", "/v1/rank", body)["ranking"])
+        return list(
+            self._request("POST", "/v1/rank", self._rank_body(prompt, responses, top_n, temperature))["ranking"]
+        )
 
     def rerank(self, query: str, documents: Sequence[str], top_n: int | None = None) -> list[dict[str, Any]]:
-        body = {"query": query, "documents": list(documents), "top_n": top_n, "return_documents": False}
-        return list(self._request("POST", "/v1/rerank", body)["results"])
+        return list(self._request("POST", "/v1/rerank", self._rerank_body(query, documents, top_n))["results"])
 
     def get_reward(self, queries: Sequence[str]) -> list[float]:
         return [float(x) for x in self._request("POST", "/get_reward", {"query": list(queries)})["rewards"]]
@@ -222,10 +246,7 @@ class AsyncRewardClient(_Base):
     ) -> None:
         super().__init__(base_url, api_key, timeout, max_retries, backoff, max_delay)
         self._http = httpx.AsyncClient(
-            base_url=self.base_url,
-            headers=self.headers,
-            timeout=timeout,
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+            base_url=self.base_url, headers=self.headers, timeout=timeout, limits=self.limits
         )
 
     async def aclose(self) -> None:
@@ -240,49 +261,35 @@ class AsyncRewardClient(_Base):
     async def _request(self, method: str, path: str, json: Any = None) -> Any:
         attempt = 0
         while True:
+            response, error = None, None
             try:
-                r = await self._http.request(method, path, json=json)
+                response = await self._http.request(method, path, json=json)
             except httpx.TransportError as e:
-                if attempt >= self.max_retries:
-                    raise ConnectionFailedError(0, f"{type(e).__name__}: {e}") from e
-                await asyncio.sleep(_delay(None, attempt, self.backoff, self.max_delay))
-                attempt += 1
-                self.retries += 1
-                continue
-            if r.status_code in RETRY_STATUSES and attempt < self.max_retries:
-                await asyncio.sleep(_delay(r, attempt, self.backoff, self.max_delay))
-                attempt += 1
-                self.retries += 1
-                continue
-            if r.status_code >= 400:
-                raise _error_from(r)
-            return r.json()
+                error = e
+            wait = self._retry_after(response, error, attempt)
+            if wait is None:
+                return self._result(response, error)
+            await asyncio.sleep(wait)
+            attempt += 1
 
     async def score(self, prompt: Prompt, responses: Sequence[str], normalize: bool = False) -> list[float]:
-        body = {"prompt": _prompt(prompt), "responses": list(responses), "normalize": normalize}
-        return [float(x) for x in (await self._request("POST", "/v1/score", body))["scores"]]
+        out = await self._request("POST", "/v1/score", self._score_body(prompt, responses, normalize))
+        return [float(x) for x in out["scores"]]
 
     async def score_items(
         self, items: Sequence[tuple[Prompt, str] | Mapping[str, Any]], normalize: bool = False
     ) -> list[float]:
-        payload = [
-            {"prompt": _prompt(it["prompt"]), "response": it["response"]}
-            if isinstance(it, Mapping)
-            else {"prompt": _prompt(it[0]), "response": it[1]}
-            for it in items
-        ]
-        out = await self._request("POST", "/v1/score", {"items": payload, "normalize": normalize})
+        out = await self._request("POST", "/v1/score", {"items": _items_payload(items), "normalize": normalize})
         return [float(x) for x in out["scores"]]
 
     async def rank(
         self, prompt: Prompt, responses: Sequence[str], top_n: int | None = None, temperature: float = 1.0
     ) -> list[dict[str, Any]]:
-        body = {"prompt": _prompt(prompt), "responses": list(responses), "top_n": top_n, "temperature": temperature}
-        return list((await self._request("POST", "/v1/rank", body))["ranking"])
+        out = await self._request("POST", "/v1/rank", self._rank_body(prompt, responses, top_n, temperature))
+        return list(out["ranking"])
 
     async def rerank(self, query: str, documents: Sequence[str], top_n: int | None = None) -> list[dict[str, Any]]:
-        body = {"query": query, "documents": list(documents), "top_n": top_n, "return_documents": False}
-        return list((await self._request("POST", "/v1/rerank", body))["results"])
+        return list((await self._request("POST", "/v1/rerank", self._rerank_body(query, documents, top_n)))["results"])
 
     async def get_reward(self, queries: Sequence[str]) -> list[float]:
         return [float(x) for x in (await self._request("POST", "/get_reward", {"query": list(queries)}))["rewards"]]

@@ -78,11 +78,13 @@ def save_lm(lm: Any, tokenizer: Any, path: Path) -> Path:
     return path
 
 
-def make_qwen2(vocab_size: int, seed: int = 0) -> Any:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def make_decoder(kind: str, vocab_size: int, seed: int = 0) -> Any:
+    """A tiny Qwen2 or Mistral causal LM (same shape as make_llama)."""
+    import transformers
 
+    name = {"qwen2": "Qwen2", "mistral": "Mistral"}[kind]
     torch.manual_seed(seed)
-    cfg = Qwen2Config(
+    cfg = getattr(transformers, f"{name}Config")(
         vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
@@ -91,20 +93,4 @@ def make_qwen2(vocab_size: int, seed: int = 0) -> Any:
         num_key_value_heads=2,
         max_position_embeddings=512,
     )
-    return Qwen2ForCausalLM(cfg).eval()
-
-
-def make_mistral(vocab_size: int, seed: int = 0) -> Any:
-    from transformers import MistralConfig, MistralForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = MistralConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    return MistralForCausalLM(cfg).eval()
+    return getattr(transformers, f"{name}ForCausalLM")(cfg).eval()

@@ -156,9 +156,9 @@ def test_real_backbone_trims_and_scores(real_backbone: Path) -> None:
 
 @pytest.mark.parametrize("arch", ["qwen2", "mistral"])
 def test_other_architectures_trim_and_are_batch_invariant(arch: str, tmp_path: Path, tokenizer: Any) -> None:
-    from tests.tiny import make_mistral, make_qwen2, save_lm
+    from tests.tiny import make_decoder, save_lm
 
-    lm = (make_qwen2 if arch == "qwen2" else make_mistral)(len(tokenizer))
+    lm = make_decoder(arch, len(tokenizer))
     d = save_lm(lm, tokenizer, tmp_path / arch)
     model, tok = RewardModel.from_backbone(d, max_length=128, seed=3)
     model.eval()
