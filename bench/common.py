@@ -84,6 +84,26 @@ class Server:
             self.proc.kill()
 
 
+def start_service(model_dir: Path, runtime: str, dtype: str, env: dict[str, str] | None = None) -> Server:
+    """`rmserve serve` on a free loopback port, in a subprocess, ready to take load."""
+    port = free_port()
+    cmd = [
+        python(),
+        "-m",
+        "service.cli",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--runtime",
+        runtime,
+        "--dtype",
+        dtype,
+    ]
+    return Server(cmd, env or {}, port)
+
+
 def percentile(xs: Sequence[float], q: float) -> float:
     if not xs:
         return float("nan")

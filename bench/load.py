@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx
 
-from bench.common import Server, free_port, hh_examples, percentile, python, resolve_model
+from bench.common import hh_examples, percentile, resolve_model, start_service
 
 
 def main() -> None:
@@ -44,25 +44,7 @@ def main() -> None:
     ref = [model.score_ids([fmt.encode(p, r).ids], tok.pad_token_id)[0] for p, r in items]
     del model
 
-    port = free_port()
-    server = Server(
-        [
-            python(),
-            "-m",
-            "service.cli",
-            "serve",
-            "--model",
-            str(model_dir),
-            "--port",
-            str(port),
-            "--runtime",
-            "torch",
-            "--dtype",
-            "float32",
-        ],
-        {"RMSERVE_MAX_QUEUED": str(args.max_queued)},
-        port,
-    )
+    server = start_service(model_dir, "torch", "float32", {"RMSERVE_MAX_QUEUED": str(args.max_queued)})
     rss_start = server.rss_mb()
     lat: list[float] = []
     errors: dict[str, int] = {}

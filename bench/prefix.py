@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from bench.common import Server, free_port, hh_examples, python, resolve_model, run_load
+from bench.common import hh_examples, resolve_model, run_load, start_service
 
 
 def payloads_for(exs: list[Any], k: int, n: int) -> list[dict[str, Any]]:
@@ -33,25 +33,10 @@ def payloads_for(exs: list[Any], k: int, n: int) -> list[dict[str, Any]]:
 def service_tps(
     model_dir: Path, payloads: list[dict[str, Any]], route: str, sharing: bool, seconds: float, clients: int
 ) -> dict[str, Any]:
-    port = free_port()
-    cmd = [
-        python(),
-        "-m",
-        "service.cli",
-        "serve",
-        "--model",
-        str(model_dir),
-        "--port",
-        str(port),
-        "--runtime",
-        "torch",
-        "--dtype",
-        "float32",
-    ]
     # A long deadline: at saturation on two cores a request waits tens of seconds, and a 504 would
     # drop its tokens from the count.
     env = {"RMSERVE_PREFIX_SHARING": "true" if sharing else "false", "RMSERVE_REQUEST_TIMEOUT_S": "600"}
-    server = Server(cmd, env, port)
+    server = start_service(model_dir, "torch", "float32", env)
     try:
         run_load(server.url, payloads, route=route, clients=clients, seconds=3)
         return run_load(server.url, payloads, route=route, clients=clients, seconds=seconds)

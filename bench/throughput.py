@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from bench.common import Server, free_port, hh_examples, python, resolve_model, run_load
+from bench.common import Server, free_port, hh_examples, python, resolve_model, run_load, start_service
 
 
 def matmul_peak(dtype: torch.dtype, seconds: float = 3.0) -> float:
@@ -120,23 +120,8 @@ def main() -> None:
     s_name, s_dtype = service_spec.split(":")
 
     def run_service(sharing: bool) -> dict[str, Any]:
-        port = free_port()
-        cmd = [
-            python(),
-            "-m",
-            "service.cli",
-            "serve",
-            "--model",
-            str(model_dir),
-            "--port",
-            str(port),
-            "--runtime",
-            s_name,
-            "--dtype",
-            s_dtype,
-        ]
         env = {"RMSERVE_PREFIX_SHARING": "true" if sharing else "false", "RMSERVE_REQUEST_TIMEOUT_S": "600"}
-        server = Server(cmd, env, port)
+        server = start_service(model_dir, s_name, s_dtype, env)
         try:
             run_load(server.url, payloads, clients=args.clients, seconds=3)  # warm up
             res = run_load(server.url, payloads, clients=args.clients, seconds=args.seconds)
