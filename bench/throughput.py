@@ -45,7 +45,7 @@ def non_embedding_params(model: Any) -> int:
 
 def raw_throughput(runtime: Any, seqs: list[list[int]], budgets: tuple[int, ...], seconds: float) -> dict[str, Any]:
     """Forward pass alone over length-sorted batches under each token budget; the best one wins."""
-    from models.evaluate import length_batches
+    from models.batching import length_batches
 
     best: dict[str, Any] = {"tokens_per_s": 0.0}
     for budget in budgets:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from models.batching import length_batches
 from models.data import FORMATS, RankedExample, read_file
 from models.formatting import Formatter
 from models.reward_model import RewardModel, collate
@@ -37,21 +38,6 @@ def encode_examples(formatter: Formatter, examples: Sequence[RankedExample]) -> 
         enc = [formatter.encode(ex.prompt, r) for r in ex.responses]
         out.append(EncodedExample(ex, [e.ids for e in enc], [e.prompt_len for e in enc], [e.truncated for e in enc]))
     return out
-
-
-def length_batches(lengths: Sequence[int], batch_tokens: int, max_seqs: int = 256) -> list[list[int]]:
-    """Indices grouped into batches whose padded cost (longest x count) stays under `batch_tokens`."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    for i in order:
-        if cur and (lengths[i] * (len(cur) + 1) > batch_tokens or len(cur) >= max_seqs):
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        batches.append(cur)
-    return batches
 
 
 @torch.inference_mode()

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.evaluate import length_batches
+from models.batching import length_batches
 from models.reward_model import RewardModel, collate, last_token_index, position_ids_from_mask
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")

@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from models.batching import length_batches
+
 log = logging.getLogger(__name__)
 
 
@@ -130,17 +132,8 @@ class Batcher:
 
     def _split(self, window: list[_Item]) -> list[list[_Item]]:
         """Sort by length, cut into batches under the token budget and size cap."""
-        window.sort(key=lambda i: len(i.seq))
-        batches: list[list[_Item]] = []
-        cur: list[_Item] = []
-        for it in window:
-            if cur and (len(it.seq) * (len(cur) + 1) > self.max_batch_tokens or len(cur) >= self.max_batch_size):
-                batches.append(cur)
-                cur = []
-            cur.append(it)
-        if cur:
-            batches.append(cur)
-        return batches
+        groups = length_batches([len(i.seq) for i in window], self.max_batch_tokens, self.max_batch_size)
+        return [[window[i] for i in g] for g in groups]
 
     def _full_batch_waiting(self) -> bool:
         return (
