@@ -113,13 +113,23 @@ class _Base:
     """What the sync and async clients share: settings, request bodies and the retry decision."""
 
     def __init__(
-        self, base_url: str, api_key: str | None, timeout: float, max_retries: int, backoff: float, max_delay: float
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        max_retries: int = 5,
+        backoff: float = 0.25,
+        max_delay: float = 30.0,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout, self.max_retries, self.backoff, self.max_delay = timeout, max_retries, backoff, max_delay
         self.retries = 0  # how many times a request was retried (for monitoring)
         self.limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
+        self._http = self._make_http()
+
+    def _make_http(self) -> Any:
+        raise NotImplementedError
 
     def _retry_after(self, response: httpx.Response | None, error: Exception | None, attempt: int) -> float | None:
         """Seconds to wait before retrying, or None to stop (raising the typed error)."""
@@ -162,17 +172,10 @@ class RewardClient(_Base):
         backoff: first backoff in seconds (doubles each retry) when the server sends no Retry-After.
     """
 
-    def __init__(
-        self,
-        base_url: str,
-        api_key: str | None = None,
-        timeout: float = 60.0,
-        max_retries: int = 5,
-        backoff: float = 0.25,
-        max_delay: float = 30.0,
-    ) -> None:
-        super().__init__(base_url, api_key, timeout, max_retries, backoff, max_delay)
-        self._http = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=timeout, limits=self.limits)
+    _http: httpx.Client
+
+    def _make_http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, headers=self.headers, timeout=self.timeout, limits=self.limits)
 
     def close(self) -> None:
         self._http.close()
@@ -235,19 +238,10 @@ class RewardClient(_Base):
 class AsyncRewardClient(_Base):
     """The asyncio twin of RewardClient (same methods, awaitable)."""
 
-    def __init__(
-        self,
-        base_url: str,
-        api_key: str | None = None,
-        timeout: float = 60.0,
-        max_retries: int = 5,
-        backoff: float = 0.25,
-        max_delay: float = 30.0,
-    ) -> None:
-        super().__init__(base_url, api_key, timeout, max_retries, backoff, max_delay)
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url, headers=self.headers, timeout=timeout, limits=self.limits
-        )
+    _http: httpx.AsyncClient
+
+    def _make_http(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=self.timeout, limits=self.limits)
 
     async def aclose(self) -> None:
         await self._http.aclose()

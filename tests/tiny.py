@@ -48,20 +48,7 @@ def make_tokenizer(chat_template: bool = True, vocab_size: int = 400) -> Any:
 
 
 def make_llama(vocab_size: int, seed: int = 0) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return make_decoder("llama", vocab_size, seed, tie_word_embeddings=True)
 
 
 def make_gpt2(vocab_size: int, seed: int = 0) -> Any:
@@ -78,11 +65,11 @@ def save_lm(lm: Any, tokenizer: Any, path: Path) -> Path:
     return path
 
 
-def make_decoder(kind: str, vocab_size: int, seed: int = 0) -> Any:
-    """A tiny Qwen2 or Mistral causal LM (same shape as make_llama)."""
+def make_decoder(kind: str, vocab_size: int, seed: int = 0, **extra: Any) -> Any:
+    """A tiny Llama, Qwen2 or Mistral causal LM: hidden 32, 2 layers, 4 heads (2 KV heads)."""
     import transformers
 
-    name = {"qwen2": "Qwen2", "mistral": "Mistral"}[kind]
+    name = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[kind]
     torch.manual_seed(seed)
     cfg = getattr(transformers, f"{name}Config")(
         vocab_size=vocab_size,
@@ -92,5 +79,6 @@ def make_decoder(kind: str, vocab_size: int, seed: int = 0) -> Any:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
+        **extra,
     )
     return getattr(transformers, f"{name}ForCausalLM")(cfg).eval()
