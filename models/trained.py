@@ -43,7 +43,7 @@ def trained_tensors(model: RewardModel, method: str) -> tuple[dict[str, torch.Te
     tensors: dict[str, torch.Tensor] = {}
     scales: dict[str, float] = {}
     for name, mod in model.named_modules():
-        a = getattr(mod, "lora_A", None)
+        a: Any = getattr(mod, "lora_A", None)
         if isinstance(a, nn.ModuleDict) and "default" in a:
             base = name.replace(_PEFT_PREFIX, "")
             lora_b: Any = mod.lora_B
