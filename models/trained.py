@@ -46,10 +46,11 @@ def trained_tensors(model: RewardModel, method: str) -> tuple[dict[str, torch.Te
         a: Any = getattr(mod, "lora_A", None)
         if isinstance(a, nn.ModuleDict) and "default" in a:
             base = name.replace(_PEFT_PREFIX, "")
-            lora_b: Any = mod.lora_B
+            lora_a: Any = a["default"]
+            lora_b: Any = mod.lora_B["default"]  # type: ignore[index]
             scaling: Any = mod.scaling
-            tensors[f"{base}.lora_A"] = a["default"].weight  # (r, in)
-            tensors[f"{base}.lora_B"] = lora_b["default"].weight  # (out, r)
+            tensors[f"{base}.lora_A"] = lora_a.weight  # (r, in)
+            tensors[f"{base}.lora_B"] = lora_b.weight  # (out, r)
             scales[base] = float(scaling["default"])
     for name, p in model.named_parameters():
         if (p.requires_grad and "lora_" not in name) or name.startswith("head."):
