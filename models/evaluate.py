@@ -195,6 +195,7 @@ def main(args: argparse.Namespace) -> int:
         log.info("%s: %d pairs, accuracy %.4f", Path(path).name, metrics["pairs"], metrics["accuracy"] or 0.0)
     result["pairs"] = pairs_all
     result["accuracy"] = hits_all / pairs_all if pairs_all else None
+    result["all"] = metrics_from_scores(all_examples, all_scores)  # per subset, length-bias check, Kendall tau
     if args.plots:
         from models.plots import eval_plots
 
@@ -202,6 +203,12 @@ def main(args: argparse.Namespace) -> int:
     for name, m in result["files"].items():
         print(f"{name:45s} pairs {m['pairs']:6d}  accuracy {m['accuracy'] or float('nan'):.4f}")
     print(f"{'all':45s} pairs {pairs_all:6d}  accuracy {result['accuracy'] or float('nan'):.4f}")
+    short = result["all"]["accuracy_when_better_is_shorter"]
+    if short is not None:
+        print(
+            f"{'pairs whose better answer is the shorter':45s} pairs {result['all']['pairs_better_is_shorter']:6d}  "
+            f"accuracy {short:.4f}"
+        )
     if args.json:
         sys.stdout.write(json.dumps(result) + "\n")
     return 0

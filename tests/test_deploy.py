@@ -28,7 +28,7 @@ def test_dockerfile_keeps_its_promises() -> None:
     text = (ROOT / "Dockerfile").read_text()
     assert "USER 10001" in text and "HEALTHCHECK" in text and "/ready" in text
     assert "torch==${TORCH_VERSION}" in text and "TORCH_VERSION=2.13.0" in text
-    assert "RMSERVE_MODEL=/models" in text
+    assert "rmserve build-default" in text and "RMSERVE_MODEL=/models" in text  # default baked in; own model mounted
 
 
 def test_kubernetes_manifests_validate() -> None:

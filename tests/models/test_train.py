@@ -176,6 +176,8 @@ def test_eval_json_matches_training_dev_figures(
     )
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["accuracy"] == dev["accuracy"] and res["files"]["syn.jsonl"]["pairs"] == dev["pairs"]
+    assert res["all"]["accuracy"] == dev["accuracy"]
+    assert res["all"]["accuracy_when_better_is_shorter"] == dev["accuracy_when_better_is_shorter"]
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
         "accuracy_by_length.png",
         "calibration.png",
