@@ -71,16 +71,53 @@ def supports_prefix_sharing(body: Any) -> bool:
     return ("cache" in params or "past_key_values" in params) and "use_cache" in params
 
 
-def shared_prefix_rewards(model: RewardModel, prefix: Sequence[int], suffixes: Sequence[Sequence[int]]) -> torch.Tensor:
+def length_chunks(lengths: Sequence[int], max_pad_ratio: float = 1.3) -> list[list[int]]:
+    """Indices sorted by length, cut into chunks whose padded cost (longest x count) stays within
+    `max_pad_ratio` of their real tokens: K answers of very different lengths would otherwise all pad
+    to the longest one."""
+    chunks: list[list[int]] = []
+    cur: list[int] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lambda j: lengths[j]):
+        if cur and lengths[i] * (len(cur) + 1) > max_pad_ratio * (real + lengths[i]):
+            chunks.append(cur)
+            cur, real = [], 0
+        cur.append(i)
+        real += lengths[i]
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
+def _expanded(cache: Any, n: int) -> Any:
+    """A new cache holding the (batch 1) prefix cache repeated n times; the prefix's graph is kept."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None and all(hasattr(x, "keys") and hasattr(x, "values") for x in layers):
+        try:
+            from transformers import DynamicCache
+
+            if type(cache) is DynamicCache:
+                return DynamicCache(
+                    ddp_cache_data=[(x.keys.expand(n, -1, -1, -1), x.values.expand(n, -1, -1, -1)) for x in layers]
+                )
+        except (ImportError, TypeError, AttributeError):  # pragma: no cover - other transformers versions
+            pass
+    return None
+
+
+def shared_prefix_rewards(
+    model: RewardModel, prefix: Sequence[int], suffixes: Sequence[Sequence[int]], max_pad_ratio: float = 1.3
+) -> torch.Tensor:
     """Rewards of prefix + suffix_k for each k, running the prefix once. (K,) float32.
 
-    Gradients flow through the prefix's pass from every suffix (for training).
+    The suffixes run in length-sorted chunks, each on its own copy of the prefix's cache, so that short
+    answers do not pad to the longest one. Gradients flow through the prefix's pass from every suffix
+    (for training).
     """
     body = model.body
     dev = model.device
     key = _cache_kwarg(body)
     p = len(prefix)
-    k = len(suffixes)
     prefix_ids = torch.tensor([list(prefix)], dtype=torch.long, device=dev)  # (1, P)
     out = body(
         input_ids=prefix_ids,
@@ -89,16 +126,31 @@ def shared_prefix_rewards(model: RewardModel, prefix: Sequence[int], suffixes: S
         use_cache=True,
     )
     cache = getattr(out, "cache", None) or out.past_key_values
-    cache.batch_repeat_interleave(k)
-    s = max(len(x) for x in suffixes)
-    ids = torch.zeros((k, s), dtype=torch.long, device=dev)
-    mask = torch.zeros((k, p + s), dtype=torch.long, device=dev)
-    mask[:, :p] = 1
-    for i, x in enumerate(suffixes):
-        ids[i, : len(x)] = torch.as_tensor(list(x), dtype=torch.long)
-        mask[i, p : p + len(x)] = 1
-    pos = (p + torch.arange(s, device=dev))[None].expand(k, s)
-    out2 = body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{key: cache})
-    h = out2.last_hidden_state  # (K, S, H)
-    last = torch.tensor([len(x) - 1 for x in suffixes], device=dev)
-    return model.head(h[torch.arange(k, device=dev), last].float()).squeeze(-1)
+    chunks = length_chunks([len(x) for x in suffixes], max_pad_ratio)
+    if len(chunks) > 1 and _expanded(cache, 1) is None:
+        chunks = [sorted(i for c in chunks for i in c)]  # a cache this code cannot copy: one pass
+    pieces: list[torch.Tensor] = []
+    order: list[int] = []
+    for chunk in chunks:
+        k = len(chunk)
+        if len(chunks) == 1:
+            cache.batch_repeat_interleave(k)
+            chunk_cache = cache
+        else:
+            chunk_cache = _expanded(cache, k)
+        part = [suffixes[i] for i in chunk]
+        s = max(len(x) for x in part)
+        ids = torch.zeros((k, s), dtype=torch.long, device=dev)
+        mask = torch.zeros((k, p + s), dtype=torch.long, device=dev)
+        mask[:, :p] = 1
+        for i, x in enumerate(part):
+            ids[i, : len(x)] = torch.as_tensor(list(x), dtype=torch.long)
+            mask[i, p : p + len(x)] = 1
+        pos = (p + torch.arange(s, device=dev))[None].expand(k, s)
+        out2 = body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{key: chunk_cache})
+        h = out2.last_hidden_state  # (k, S, H)
+        last = torch.tensor([len(x) - 1 for x in part], device=dev)
+        pieces.append(model.head(h[torch.arange(k, device=dev), last].float()).squeeze(-1))
+        order.extend(chunk)
+    vals = torch.cat(pieces)  # (K,) in chunk order
+    return vals[torch.argsort(torch.tensor(order, device=vals.device))]

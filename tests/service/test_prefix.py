@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from models.prefix import group_shared_prefixes, shared_prefix_rewards
+from models.prefix import group_shared_prefixes, length_chunks, shared_prefix_rewards
 from models.reward_model import RewardModel
 from service.runtimes.torch_runtime import TorchRuntime
 
@@ -31,11 +31,26 @@ def test_shared_prefix_equals_plain(arch: str, llama_dir: Path, gpt2_dir: Path) 
     encs = [f.encode(PROMPT, a) for a in ANSWERS]
     p = encs[0].prompt_len
     assert p > 0 and all(e.ids[:p] == encs[0].ids[:p] for e in encs)
+    suffixes = [e.ids[p:] for e in encs]
+    assert len(length_chunks([len(x) for x in suffixes])) > 1  # the answers run in several chunks
     with torch.no_grad():
-        shared = shared_prefix_rewards(model, encs[0].ids[:p], [e.ids[p:] for e in encs]).tolist()
+        shared = shared_prefix_rewards(model, encs[0].ids[:p], suffixes).tolist()
+        one_pass = shared_prefix_rewards(model, encs[0].ids[:p], suffixes, max_pad_ratio=1e9).tolist()
     for side in ("right", "left"):
         plain = model.score_ids([e.ids for e in encs], tok.pad_token_id, side=side)
         assert shared == pytest.approx(plain, abs=1e-4)
+        assert one_pass == pytest.approx(plain, abs=1e-4)
+
+
+def test_length_chunks_bound_padding() -> None:
+    lengths = [3, 40, 5, 41, 4, 200, 39]
+    chunks = length_chunks(lengths, 1.3)
+    assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
+    for c in chunks:
+        longest = max(lengths[i] for i in c)
+        assert len(c) == 1 or longest * len(c) <= 1.3 * sum(lengths[i] for i in c)
+    assert [sorted(lengths[i] for i in c) for c in chunks] == [[3, 4, 5], [39, 40, 41], [200]]
+    assert length_chunks(lengths, 1e9) == [sorted(range(7), key=lambda i: lengths[i])]
 
 
 def test_runtime_mixed_batch_with_and_without_sharing(llama_dir: Path) -> None:
