@@ -24,8 +24,8 @@ serve: setup
 	$(BIN)/rmserve serve --host $(HOST) --port $(PORT)
 
 lint: setup
-	$(BIN)/ruff check service models tests bench
-	$(BIN)/ruff format --check service models tests bench
+	$(BIN)/ruff check service models tests bench scripts
+	$(BIN)/ruff format --check service models tests bench scripts
 
 typecheck: setup
 	$(BIN)/mypy service models
