@@ -53,18 +53,24 @@ def frozen_features(
     def hook(_m: nn.Module, _i: Any, out: Any) -> None:
         captured["h"] = out[0] if isinstance(out, tuple) else out
 
+    from tqdm import tqdm
+
     handle = layers[k - 1].register_forward_hook(hook)
     out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
+    batches = length_batches([len(s) for s in seqs], batch_tokens)
+    bar = tqdm(total=sum(len(s) for s in seqs), desc="cache frozen layers", unit="tok", mininterval=5.0)
     try:
         with only_layers(body, layers[:k]):
-            for idx in length_batches([len(s) for s in seqs], batch_tokens):
+            for idx in batches:
                 ids, mask = collate([seqs[i] for i in idx], pad_id, "right", model.device)
                 body(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
                 hs = captured["h"].float()  # (B, T, H)
                 for j, i in enumerate(idx):
                     out[i] = hs[j, : len(seqs[i])].detach().cpu().clone()
+                bar.update(sum(len(seqs[i]) for i in idx))
     finally:
         handle.remove()
+        bar.close()
     return out
 
 
