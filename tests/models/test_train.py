@@ -108,16 +108,12 @@ def test_token_budget_batches(tokenizer: Any) -> None:
 
 @pytest.mark.parametrize("method", ["full", "top-n", "lora"])
 def test_training_learns_a_synthetic_preference(tmp_path: Path, llama_dir: Path, syn: Path, method: str) -> None:
-    import time
-
-    t = time.time()
     extra = {
         "full": ["--lr", "2e-3"],
         "top-n": ["--top-n", "1", "--lr", "3e-3"],
         "lora": ["--lora-rank", "8", "--lr", "5e-3"],
     }[method]
     out = _train(llama_dir, syn, tmp_path / "rm", "--method", method, "--epochs", "3", *extra)
-    assert time.time() - t < 60
     card = json.loads((out / "metrics.json").read_text())
     assert card["dev"]["accuracy"] >= 0.95, card["dev"]
     tr = card["training"]
