@@ -78,7 +78,7 @@ def test_client_retries_429_honouring_retry_after(rm_dir: Path) -> None:
         return holder["rt"]
 
     with live_server(Settings(model=str(rm_dir), max_queued=2, max_wait_ms=0), runtime_wrapper=wrap) as url:
-        holder["rt"].delay = 0.4
+        holder["rt"].delay = 2.0  # long enough for the queue to be seen full even on a loaded machine
         busy = threading.Thread(
             target=lambda: httpx.post(url + "/v1/score", json={"prompt": "x", "responses": ["a"]}, timeout=30)
         )
@@ -86,9 +86,13 @@ def test_client_retries_429_honouring_retry_after(rm_dir: Path) -> None:
             target=lambda: httpx.post(url + "/v1/score", json={"prompt": "x", "responses": ["b", "c"]}, timeout=30)
         )
         busy.start()
-        time.sleep(0.15)
+        assert holder["rt"].entered.wait(30)  # the busy request is in its forward pass
         queued.start()
-        time.sleep(0.1)
+        deadline = time.monotonic() + 30
+        while "rmserve_queue_depth 2.0" not in httpx.get(url + "/metrics").text:  # queue full
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        holder["rt"].delay = 0.0  # the passes after the busy one are quick
         with RewardClient(url, backoff=0.05) as rc:
             t = time.perf_counter()
             scores = rc.score("x", ["d"])  # 429 first (queue full), then admitted on retry

@@ -26,8 +26,10 @@ class SlowRuntime:
         self.computed: list[Sequence[int]] = []
         self.batches: list[int] = []
         self.lock = threading.Lock()
+        self.entered = threading.Event()  # set when a forward pass starts
 
     def score(self, seqs: Sequence[Sequence[int]]) -> list[float]:
+        self.entered.set()
         if self.delay:
             time.sleep(self.delay)
         with self.lock:
@@ -110,13 +112,16 @@ def test_deadline_is_504_and_the_next_request_works(rm_dir: Path) -> None:
         return holder["rt"]
 
     with live_server(Settings(model=str(rm_dir), request_timeout_s=0.3, max_wait_ms=0), runtime_wrapper=wrap) as url:
-        holder["rt"].delay = 0.6
+        rt = holder["rt"]
+        rt.delay = 3.0
         t = time.perf_counter()
         r = httpx.post(url + "/v1/score", json={"prompt": "x", "responses": ["a", "b", "c"]}, timeout=30)
         assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
-        assert time.perf_counter() - t < 0.55
-        holder["rt"].delay = 0.0
-        time.sleep(0.7)
+        assert time.perf_counter() - t < 2.0  # answered at the deadline, not after the 3 s forward pass
+        rt.delay = 0.0
+        deadline = time.monotonic() + 30
+        while not rt.batches and time.monotonic() < deadline:  # the slow pass finishes in the background
+            time.sleep(0.05)
         assert httpx.post(url + "/v1/score", json={"prompt": "x", "responses": ["a"]}).status_code == 200
 
 
@@ -129,20 +134,24 @@ def test_overload_answers_429_at_once(rm_dir: Path) -> None:
 
     settings = Settings(model=str(rm_dir), max_queued=3, max_wait_ms=0)
     with live_server(settings, runtime_wrapper=wrap) as url:
-        holder["rt"].delay = 0.5
+        rt = holder["rt"]
+        rt.delay = 2.0
 
         async def main() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
             async with httpx.AsyncClient(base_url=url, timeout=30) as c:
                 busy = asyncio.create_task(c.post("/v1/score", json={"prompt": "x", "responses": ["a"]}))
-                await asyncio.sleep(0.1)  # the worker is now busy with `busy`
+                while not rt.entered.is_set():  # the worker is now busy with `busy`
+                    await asyncio.sleep(0.01)
                 queued = asyncio.create_task(c.post("/v1/score", json={"prompt": "x", "responses": ["b", "c"]}))
-                await asyncio.sleep(0.05)
+                while "rmserve_queue_depth 2.0" not in (await c.get("/metrics")).text:
+                    await asyncio.sleep(0.01)
+                rt.delay = 0.0
                 t = time.perf_counter()
                 refused = await c.post("/v1/score", json={"prompt": "x", "responses": ["d", "e"]})
                 assert time.perf_counter() - t < 0.3
                 return await busy, await queued, refused
 
-        busy, queued, refused = asyncio.run(main())
+        busy, queued, refused = asyncio.run(asyncio.wait_for(main(), 60))
     assert busy.status_code == 200 and queued.status_code == 200  # admitted work still served
     assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
     assert refused.json()["error"]["type"] == "overloaded"
