@@ -1,7 +1,7 @@
 """Where the service spends its time under load: py-spy samples the running `rmserve serve` while
 32 clients send /v1/score (4 HH answers each), then prints the share of samples per stage.
 
-    python bench/profile.py --model DIR [--runtime auto] [--seconds 30]
+    python bench/hotspots.py --model DIR [--runtime auto] [--seconds 30]
 
 Needs py-spy (`pip install py-spy`; sampling another process may need root or ptrace rights).
 """
