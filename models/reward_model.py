@@ -320,16 +320,23 @@ def check_model_dir(model_dir: str | Path) -> RewardConfig:
     return cfg
 
 
-def read_config(model_dir: str | Path) -> RewardConfig:
-    p = Path(model_dir) / CONFIG_NAME
+def read_json_object(p: Path, error: type[Exception], missing: str) -> dict[str, Any]:
+    """A JSON object from file `p`; `error` names the file when it is missing (`missing` says what it
+    should have been), not valid JSON, or not an object."""
     if not p.is_file():
-        raise ModelDirError(f"{p} is missing: this is not an rmserve model directory")
+        raise error(f"{p} is missing: {missing}")
     try:
         raw = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelDirError(f"{p} is not valid JSON: {e}") from e
+        raise error(f"{p} is not valid JSON: {e}") from e
     if not isinstance(raw, dict):
-        raise ModelDirError(f"{p} must hold a JSON object")
+        raise error(f"{p} must hold a JSON object")
+    return raw
+
+
+def read_config(model_dir: str | Path) -> RewardConfig:
+    p = Path(model_dir) / CONFIG_NAME
+    raw = read_json_object(p, ModelDirError, "this is not an rmserve model directory")
     if raw.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
         raise ModelDirError(f"{p} has format_version {raw['format_version']}; this rmserve reads {FORMAT_VERSION}")
     return RewardConfig.from_dict(raw)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.backbone import BackboneError, sha256_file
-from models.reward_model import CONFIG_NAME, RewardConfig, RewardModel, read_config
+from models.reward_model import CONFIG_NAME, RewardConfig, RewardModel, read_config, read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +114,7 @@ def save_trained(
 def read_trained(trained_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], RewardConfig]:
     """Manifest, tensors and reward config of a shipped folder; every shard's sha256 is checked."""
     d = Path(trained_dir)
-    mpath = d / MANIFEST
-    if not mpath.is_file():
-        raise TrainedError(f"{mpath} is missing: {d} is not a folder written by save_trained")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TrainedError(f"{mpath} is not valid JSON: {e}") from e
+    manifest = read_json_object(d / MANIFEST, TrainedError, f"{d} is not a folder written by save_trained")
     tensors: dict[str, torch.Tensor] = {}
     for shard in manifest.get("shards", []):
         p = d / shard["file"]
