@@ -372,6 +372,7 @@ class Scorer:
         self.cache: dict[int, list[list[torch.Tensor]]] = {}  # id(groups list) -> per group, per response
         self.n_top = 0
         self.prefix_sharing = False  # run each prompt once for all its responses (KV cache, gradients flow)
+        self.shared_sequences = 0  # how many sequences took the shared-prefix path
 
     def build_cache(self, groups_lists: Sequence[Sequence[EncodedExample]], n_top: int, batch_tokens: int) -> None:
         from models.frozen_cache import frozen_features
@@ -396,32 +397,22 @@ class Scorer:
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                 return rewards_from_features(self.model, [feats[g][j] for g, j in batch.keys], self.n_top).float()
         if self.prefix_sharing:
-            return self._shared_rewards(groups, batch)
+            return self._shared_rewards(batch)
         ids, mask = collate(batch.seqs, self.pad_id, "right", self.device)
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             return self.fwd(ids, mask).float()  # (N,)
 
-    def _shared_rewards(self, groups: Sequence[EncodedExample], batch: Batch) -> torch.Tensor:
-        """Each prompt's tokens run once, its K responses on the expanded KV cache; responses whose
-        prompt is not an exact token prefix go through the plain batched pass."""
-        from models.prefix import shared_prefix_rewards
+    def _shared_rewards(self, batch: Batch) -> torch.Tensor:
+        """Sequences of the batch that share a token prefix (a prompt's K responses) run it once, their
+        own tokens on its KV cache; the others go through the plain batched pass."""
+        from models.prefix import group_shared_prefixes, grouped_prefix_rewards
 
-        members: dict[int, list[int]] = {}
-        for pos, (g, _j) in enumerate(batch.keys):
-            members.setdefault(g, []).append(pos)
-        order: list[int] = []
-        pieces: list[torch.Tensor] = []
-        plain: list[int] = []
+        shared, plain = group_shared_prefixes(batch.seqs, min_prefix=16, min_saved=16)
+        order = [i for _, idx in shared for i in idx]
+        self.shared_sequences += len(order)
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            for g, positions in members.items():
-                lens = {groups[g].prompt_lens[batch.keys[p][1]] for p in positions}
-                plen = lens.pop() if len(lens) == 1 else 0
-                seqs = [batch.seqs[p] for p in positions]
-                if len(positions) < 2 or plen <= 0 or any(len(s) <= plen or s[:plen] != seqs[0][:plen] for s in seqs):
-                    plain.extend(positions)
-                    continue
-                pieces.append(shared_prefix_rewards(self.model, seqs[0][:plen], [s[plen:] for s in seqs]).float())
-                order.extend(positions)
+            parts = [(batch.seqs[idx[0]][:plen], [batch.seqs[i][plen:] for i in idx]) for plen, idx in shared]
+            pieces = [r.float() for r in grouped_prefix_rewards(self.model, parts)]
             if plain:
                 ids, mask = collate([batch.seqs[p] for p in plain], self.pad_id, "right", self.device)
                 pieces.append(self.fwd(ids, mask).float())

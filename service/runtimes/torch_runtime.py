@@ -4,7 +4,7 @@ from collections.abc import Sequence
 
 import torch
 
-from models.prefix import group_shared_prefixes, shared_prefix_rewards, supports_prefix_sharing
+from models.prefix import group_shared_prefixes, grouped_prefix_rewards, supports_prefix_sharing
 from models.reward_model import RewardModel, collate
 
 
@@ -31,9 +31,11 @@ class TorchRuntime:
             return self._plain(seqs)
         groups, singles = group_shared_prefixes(seqs, self.min_prefix, 2 * self.min_prefix)
         out = [0.0] * len(seqs)
-        for plen, idx in groups:
-            rewards = shared_prefix_rewards(self.model, seqs[idx[0]][:plen], [seqs[i][plen:] for i in idx])
-            for i, r in zip(idx, rewards.float().tolist(), strict=True):
+        rewards = grouped_prefix_rewards(
+            self.model, [(seqs[idx[0]][:plen], [seqs[i][plen:] for i in idx]) for plen, idx in groups]
+        )
+        for (_, idx), vals in zip(groups, rewards, strict=True):
+            for i, r in zip(idx, vals.float().tolist(), strict=True):
                 out[i] = float(r)
             self.shared_sequences += len(idx)
         if singles:

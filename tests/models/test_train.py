@@ -259,6 +259,7 @@ def test_prefix_sharing_step_matches_plain_loss_and_gradients(llama_dir: Path) -
         scorer = Scorer(model, model, tok.pad_token_id, torch.device("cpu"), None)
         scorer.prefix_sharing = sharing
         r = scorer.rewards(groups, batch)
+        assert scorer.shared_sequences == (5 if sharing else 0)  # both prompts' answers took the shared path
         loss, _ = pairwise_loss(
             r, torch.tensor(batch.better), torch.tensor(batch.worse), torch.tensor(batch.pair_group)
         )

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from models.prefix import group_shared_prefixes, length_chunks, shared_prefix_rewards
+from models.batching import shared_prefix_batches
+from models.prefix import group_shared_prefixes, grouped_prefix_rewards, length_chunks, shared_prefix_rewards
 from models.reward_model import RewardModel
 from service.runtimes.torch_runtime import TorchRuntime
 
@@ -83,3 +84,63 @@ def test_prompt_whose_tokens_merge_with_the_answer(tokenizer: Any, llama_dir: Pa
     on = TorchRuntime(model, tok.pad_token_id, prefix_sharing=True, min_prefix=4)
     off = TorchRuntime(model, tok.pad_token_id, prefix_sharing=False)
     assert on.score(seqs) == pytest.approx(off.score(seqs), abs=1e-4)
+
+
+def test_grouping_keeps_the_full_prompt_when_one_answer_was_truncated() -> None:
+    """A prompt's answers where one had its oldest turn dropped (so it shares only the header): the
+    others still share the whole prompt, not just the header."""
+    header, turn1, turn2 = [1] * 20, [2] * 50, [3] * 40
+    full = [header + turn1 + turn2 + [10 + k] * 5 for k in range(4)]
+    cut = header + turn2 + [20] * 300
+    groups, singles = group_shared_prefixes([*full, cut], min_prefix=16, min_saved=32)
+    assert groups == [(110, [0, 1, 2, 3])] and singles == [4]
+    # one short common prefix everywhere and nothing longer: all share it
+    seqs = [header + [30 + k] * 10 for k in range(5)]
+    assert group_shared_prefixes(seqs, 16, 32) == ([(20, [0, 1, 2, 3, 4])], [])
+    assert group_shared_prefixes(seqs, 16, 200) == ([], [0, 1, 2, 3, 4])  # not worth a pass
+
+
+def test_shared_prefix_batches_respect_budget_and_cover_everything() -> None:
+    prompts = [[p] * 30 for p in range(1, 7)]
+    seqs = [pr + [99] * (1 + (7 * i + j) % 13) for i, pr in enumerate(prompts) for j in range(3)]
+    seqs += [[50 + k] * (5 + k) for k in range(5)]  # no shared prefix
+    batches = shared_prefix_batches(seqs, 120, 64)
+    assert sorted(i for b in batches for i in b) == list(range(len(seqs)))
+    groups, _ = group_shared_prefixes(seqs, 16, 32)
+    for b in batches:
+        cost = 0
+        for plen, members in groups:
+            inside = [i for i in members if i in b]
+            cost += (plen + sum(len(seqs[i]) - plen for i in inside)) if inside else 0
+        singles = [i for i in b if not any(i in m for _, m in groups)]
+        assert cost <= 120 and (not singles or max(len(seqs[i]) for i in singles) * len(singles) <= 120)
+    for _, members in groups:  # a 3-answer group (at most 30 + 39 tokens) always fits one batch
+        assert sum(1 for b in batches if set(members) & set(b)) == 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_several_prompts_in_one_pass_equal_plain(arch: str, llama_dir: Path, gpt2_dir: Path) -> None:
+    """Prompts of different lengths share one prefix pass (right padding) and their answers one or
+    more suffix passes, each row on its own prompt's cache."""
+    model, tok = _model(llama_dir if arch == "llama" else gpt2_dir)
+    f = model.formatter(tok)
+    prompts: list[Any] = [
+        PROMPT,
+        "Numbers, punctuation and the end of the story?",
+        [{"role": "user", "content": "Short?"}],
+        "A much longer question that goes on and on about bread, flour, water, yeast, salt and ovens.",
+    ]
+    groups = []
+    plain_ids = []
+    for i, pr in enumerate(prompts):
+        encs = [f.encode(pr, a) for a in ANSWERS[: 2 + i % 3]]
+        p = encs[0].prompt_len
+        assert p > 0
+        groups.append((encs[0].ids[:p], [e.ids[p:] for e in encs]))
+        plain_ids.append([e.ids for e in encs])
+    assert len({len(g[0]) for g in groups}) == len(groups)  # the prefixes differ in length
+    with torch.no_grad():
+        for ratio in (1.3, 1e9):  # several chunks, and everything in one pass of each kind
+            got = grouped_prefix_rewards(model, groups, max_pad_ratio=ratio)
+            for g, ids in zip(got, plain_ids, strict=True):
+                assert g.tolist() == pytest.approx(model.score_ids(ids, tok.pad_token_id, side="right"), abs=1e-4)
