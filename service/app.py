@@ -241,6 +241,9 @@ def create_app(
             max_wait_s=settings.max_wait_ms / 1000,
             max_queued=settings.max_queued,
             observer=state.metrics,
+            share_prefixes=bool(getattr(runtime, "prefix_sharing", False)),
+            min_prefix=settings.prefix_min_tokens,
+            max_pad_ratio=settings.max_pad_ratio,
         )
         batcher.start()
         from models.formatting import Formatter

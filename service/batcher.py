@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from models.batching import length_batches
+from models.batching import length_batches, shared_prefix_batches
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,11 @@ class Batcher:
     max_batch_size: most sequences per pass.
     max_wait_s: how long to wait for more work when fewer than a full batch are queued.
     max_queued: most sequences waiting; submit() beyond it raises QueueFull.
+    max_pad_ratio: cut a batch early rather than let its padded cost pass this ratio of its real tokens
+        (None: only the budget counts).
+    share_prefixes: the runtime computes a token prefix shared by sequences of one pass once (K
+        answers to one prompt, within or across requests): keep such groups in one batch, costed at
+        their prefix once plus each member's own tokens. `min_prefix` is the shortest prefix that counts.
     """
 
     def __init__(
@@ -56,6 +61,9 @@ class Batcher:
         max_wait_s: float = 0.002,
         max_queued: int = 2048,
         observer: BatchObserver | None = None,
+        share_prefixes: bool = False,
+        min_prefix: int = 16,
+        max_pad_ratio: float | None = 1.3,
     ) -> None:
         self._run_batch = run_batch
         self.max_batch_tokens = max_batch_tokens
@@ -63,6 +71,9 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self.max_queued = max_queued
         self._observer = observer
+        self.share_prefixes = share_prefixes
+        self.min_prefix = min_prefix
+        self.max_pad_ratio = max_pad_ratio
         self._pending: deque[_Item] = deque()
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rmserve-infer")
@@ -131,8 +142,21 @@ class Batcher:
         return window
 
     def _split(self, window: list[_Item]) -> list[list[_Item]]:
-        """Sort by length, cut into batches under the token budget and size cap."""
-        groups = length_batches([len(i.seq) for i in window], self.max_batch_tokens, self.max_batch_size)
+        """Sort by length, cut into batches under the token budget and size cap (keeping shared-prefix
+        groups together when the runtime shares prefixes)."""
+        if self.share_prefixes:
+            groups = shared_prefix_batches(
+                [i.seq for i in window],
+                self.max_batch_tokens,
+                self.max_batch_size,
+                self.min_prefix,
+                2 * self.min_prefix,
+                self.max_pad_ratio,
+            )
+        else:
+            groups = length_batches(
+                [len(i.seq) for i in window], self.max_batch_tokens, self.max_batch_size, self.max_pad_ratio
+            )
         return [[window[i] for i in g] for g in groups]
 
     def _full_batch_waiting(self) -> bool:

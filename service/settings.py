@@ -32,6 +32,9 @@ class Settings(BaseSettings):
 
     max_batch_tokens: int = Field(4096, ge=64, description="padded tokens (longest x count) per forward pass")
     max_batch_size: int = Field(64, ge=1, description="sequences per forward pass")
+    max_pad_ratio: float = Field(
+        1.3, ge=1.0, description="cut a pass early rather than let padding pass this ratio of its real tokens"
+    )
     max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits for more work once the model is idle")
     max_queued: int = Field(2048, ge=1, description="sequences waiting at most; beyond it 429 at once")
     max_responses: int = Field(64, ge=1, description="responses (or items, or queries) per request")

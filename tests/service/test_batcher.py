@@ -76,3 +76,34 @@ def test_cancelled_work_is_not_computed_and_errors_stay_in_their_batch() -> None
 
     asyncio.run(main())
     assert computed == [[9]]
+
+
+def test_shared_prefix_groups_stay_in_one_batch() -> None:
+    """With a sharing runtime, the answers of one prompt (sent as separate requests, interleaved with
+    others, of very different lengths) reach the runtime in one pass, costed at their prefix once."""
+    seen: list[list[Sequence[int]]] = []
+
+    def run(seqs: list[Sequence[int]]) -> list[float]:
+        seen.append(list(seqs))
+        return [float(sum(s)) for s in seqs]
+
+    prompts = [[p] * 30 for p in (1, 2, 3)]
+    seqs = [pr + [9] * n for n in (2, 40, 5, 60) for pr in prompts]  # interleaved prompts, mixed lengths
+
+    async def main(share: bool) -> list[list[float]]:
+        b = Batcher(run, max_batch_tokens=200, max_batch_size=64, max_wait_s=0.01, share_prefixes=share)
+        b.start()
+        out = await asyncio.gather(*(b.submit([s]) for s in seqs))
+        await b.close()
+        return out
+
+    out = asyncio.run(main(True))
+    assert out == [[float(sum(s))] for s in seqs]  # every request got its own answer
+    for pr in prompts:
+        holders = [k for k, batch in enumerate(seen) if any(list(s[:30]) == pr for s in batch)]
+        assert len(holders) == 1  # all four answers of this prompt ran in one pass
+    # 200 tokens: one prompt's group costs 30 + 107 = 137; two would not fit, plain length batches would
+    assert len(seen) == 3
+    seen.clear()
+    asyncio.run(main(False))
+    assert any(len({tuple(s[:30]) for s in batch}) > 1 for batch in seen)  # length batching mixes prompts
