@@ -1,7 +1,10 @@
 """Shared-prefix benchmark: the same work with and without computing each prompt once, in one run,
 on real HH-RLHF dialogues. Prints a table and one JSON object on its last line.
 
-    python bench/prefix.py --model DIR [--seconds 20]
+    python bench/prefix.py --model DIR [--seconds 20] [--rounds 2]
+
+Sharing off and on alternate for `--rounds` rounds (this machine's speed drifts by a quarter between
+minutes); each figure is total tokens over total seconds of its rounds.
 """
 
 from __future__ import annotations
@@ -44,8 +47,23 @@ def service_tps(
         server.stop()
 
 
-def train_tps(model_dir: Path, exs: list[Any], sharing: bool, steps: int) -> float:
-    """Trainer tokens/s (forward + backward, top 2 layers trained, no frozen cache) on HH pairs."""
+def combined(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several load runs as one: total tokens over total seconds, the median of their p50s."""
+    errors: dict[str, int] = {}
+    for r in runs:
+        for k, v in r["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    p50 = sorted(r["p50_ms"] for r in runs)[len(runs) // 2]
+    return {
+        "tokens_per_s": sum(r["tokens"] for r in runs) / sum(r["seconds"] for r in runs),
+        "p50_ms": p50,
+        "errors": errors,
+    }
+
+
+def train_tokens(model_dir: Path, exs: list[Any], sharing: bool, steps: int) -> tuple[int, float]:
+    """Trainer (real tokens, seconds) over `steps` steps (forward + backward, top 2 layers trained, no
+    frozen cache) on HH pairs, after one warm-up step."""
     from models.evaluate import encode_examples
     from models.losses import pairwise_loss
     from models.reward_model import RewardModel
@@ -69,7 +87,7 @@ def train_tps(model_dir: Path, exs: list[Any], sharing: bool, steps: int) -> flo
         loss.backward()
         model.zero_grad(set_to_none=True)
         tokens += b.real_tokens
-    return tokens / (time.perf_counter() - t0)
+    return tokens, time.perf_counter() - t0
 
 
 def main() -> None:
@@ -78,6 +96,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--train-steps", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=2, help="alternate sharing off and on this many times")
     args = ap.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     model_dir = resolve_model(args.model)
@@ -101,17 +120,24 @@ def main() -> None:
     score4 = payloads_for(exs, 4, 150)
     res: dict[str, Any] = {}
     for name, payloads, route in (("rank8", rank8, "/v1/rank"), ("score4", score4, "/v1/score")):
-        off_r = service_tps(model_dir, payloads, route, False, args.seconds, args.clients)
-        on_r = service_tps(model_dir, payloads, route, True, args.seconds, args.clients)
-        res[name] = {"off": off_r, "on": on_r}
+        runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+        for _ in range(args.rounds):
+            for key, sharing in (("off", False), ("on", True)):
+                runs[key].append(service_tps(model_dir, payloads, route, sharing, args.seconds, args.clients))
+        res[name] = {k: combined(v) for k, v in runs.items()}
+        off_r, on_r = res[name]["off"], res[name]["on"]
         print(
             f"{name:7s} sharing off {off_r['tokens_per_s']:7.0f} tokens/s (p50 {off_r['p50_ms']:.0f} ms, "
             f"errors {off_r['errors']})   on {on_r['tokens_per_s']:7.0f} tokens/s (p50 {on_r['p50_ms']:.0f} ms, "
-            f"errors {on_r['errors']})",
+            f"errors {on_r['errors']})   per round off {[round(r['tokens_per_s']) for r in runs['off']]} "
+            f"on {[round(r['tokens_per_s']) for r in runs['on']]}",
             flush=True,
         )
-    train_off = train_tps(model_dir, exs[:120], False, args.train_steps)
-    train_on = train_tps(model_dir, exs[:120], True, args.train_steps)
+    train: dict[str, list[tuple[int, float]]] = {"off": [], "on": []}
+    for _ in range(args.rounds):
+        for key, sharing in (("off", False), ("on", True)):
+            train[key].append(train_tokens(model_dir, exs[:120], sharing, args.train_steps))
+    train_off, train_on = (sum(t for t, _ in train[k]) / sum(d for _, d in train[k]) for k in ("off", "on"))
     print(f"train   sharing off {train_off:7.0f} tokens/s   on {train_on:7.0f} tokens/s", flush=True)
     out = {
         "model": str(model_dir),

@@ -398,9 +398,23 @@ class Scorer:
                 return rewards_from_features(self.model, [feats[g][j] for g, j in batch.keys], self.n_top).float()
         if self.prefix_sharing:
             return self._shared_rewards(batch)
-        ids, mask = collate(batch.seqs, self.pad_id, "right", self.device)
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            return self.fwd(ids, mask).float()  # (N,)
+            return self._plain(batch.seqs)
+
+    def _plain(self, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
+        """(N,) rewards through the whole model. On one process the sequences run in length-sorted
+        chunks whose padding stays within 1.3x of their real tokens; under DDP in one pass (its
+        reducer expects one forward per backward)."""
+        from models.prefix import length_chunks
+
+        chunks = length_chunks([len(s) for s in seqs]) if self.fwd is self.model else [list(range(len(seqs)))]
+        pieces, order = [], []
+        for chunk in chunks:
+            ids, mask = collate([seqs[i] for i in chunk], self.pad_id, "right", self.device)
+            pieces.append(self.fwd(ids, mask).float())
+            order.extend(chunk)
+        vals = torch.cat(pieces)
+        return vals[torch.argsort(torch.tensor(order, device=vals.device))]
 
     def _shared_rewards(self, batch: Batch) -> torch.Tensor:
         """Sequences of the batch that share a token prefix (a prompt's K responses) run it once, their
@@ -414,8 +428,7 @@ class Scorer:
             parts = [(batch.seqs[idx[0]][:plen], [batch.seqs[i][plen:] for i in idx]) for plen, idx in shared]
             pieces = [r.float() for r in grouped_prefix_rewards(self.model, parts)]
             if plain:
-                ids, mask = collate([batch.seqs[p] for p in plain], self.pad_id, "right", self.device)
-                pieces.append(self.fwd(ids, mask).float())
+                pieces.append(self._plain([batch.seqs[p] for p in plain]))
                 order.extend(plain)
         vals = torch.cat(pieces)  # (N,) in `order`
         inverse = torch.argsort(torch.tensor(order, device=vals.device))

@@ -320,3 +320,19 @@ def test_trains_under_torchrun_with_two_processes(tmp_path: Path, llama_dir: Pat
     assert card["training"]["steps"] == 6
     assert card["training"]["trainable_tensors_changed"] == card["training"]["trainable_tensors"]
     RewardModel.load(out)
+
+
+def test_plain_scorer_runs_length_chunks_with_the_same_rewards(llama_dir: Path) -> None:
+    from models.prefix import length_chunks
+    from models.reward_model import collate
+    from models.train import Scorer
+
+    model, tok = RewardModel.from_backbone(llama_dir, max_length=128, seed=4)
+    seqs = [[5 + i % 7] * n for i, n in enumerate((3, 60, 4, 58, 20, 5))]
+    assert len(length_chunks([len(s) for s in seqs])) > 1
+    scorer = Scorer(model, model, tok.pad_token_id, torch.device("cpu"), None)
+    with torch.no_grad():
+        got = scorer._plain(seqs).tolist()
+        ids, mask = collate(seqs, tok.pad_token_id, "right", torch.device("cpu"))
+        ref = model(ids, mask).tolist()
+    assert got == pytest.approx(ref, abs=1e-5)
