@@ -112,7 +112,13 @@ def percentile(xs: Sequence[float], q: float) -> float:
 
 
 async def _load(
-    url: str, payloads: Sequence[dict[str, Any]], route: str, clients: int, seconds: float, token_key: tuple[str, ...]
+    url: str,
+    payloads: Sequence[dict[str, Any]],
+    route: str,
+    clients: int,
+    seconds: float,
+    token_key: tuple[str, ...],
+    total: int | None = None,
 ) -> dict[str, Any]:
     lat: list[float] = []
     tokens = 0
@@ -123,7 +129,7 @@ async def _load(
 
     async def client(c: httpx.AsyncClient) -> None:
         nonlocal tokens, done, counter
-        while time.perf_counter() < stop_at:
+        while (counter < total) if total is not None else (time.perf_counter() < stop_at):
             p = payloads[counter % len(payloads)]
             counter += 1
             t = time.perf_counter()
@@ -166,8 +172,13 @@ def run_load(
     clients: int = 32,
     seconds: float = 30.0,
     token_key: tuple[str, ...] = ("usage", "tokens"),
+    total: int | None = None,
 ) -> dict[str, Any]:
-    return asyncio.run(_load(url, payloads, route, clients, seconds, token_key))
+    """Closed-loop load: `clients` clients each send the next payload as soon as their last answer
+    came. For `seconds`, or with `total`, until exactly that many requests were sent (the same work
+    for every configuration compared: payloads differ in length, so a timed window would compare
+    different mixes)."""
+    return asyncio.run(_load(url, payloads, route, clients, seconds, token_key, total))
 
 
 def python() -> str:

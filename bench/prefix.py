@@ -1,7 +1,7 @@
 """Shared-prefix benchmark: the same work with and without computing each prompt once, in one run,
 on real HH-RLHF dialogues. Prints a table and one JSON object on its last line.
 
-    python bench/prefix.py --model DIR [--seconds 20] [--rounds 2]
+    python bench/prefix.py --model DIR [--requests 24] [--clients 8] [--rounds 2]
 
 Sharing off and on alternate for `--rounds` rounds (this machine's speed drifts by a quarter between
 minutes); each figure is total tokens over total seconds of its rounds.
@@ -34,15 +34,16 @@ def payloads_for(exs: list[Any], k: int, n: int) -> list[dict[str, Any]]:
 
 
 def service_tps(
-    model_dir: Path, payloads: list[dict[str, Any]], route: str, sharing: bool, seconds: float, clients: int
+    model_dir: Path, payloads: list[dict[str, Any]], route: str, sharing: bool, requests: int, clients: int
 ) -> dict[str, Any]:
+    """Tokens/s of the service doing exactly `requests` requests (the first ones of `payloads`)."""
     # A long deadline: at saturation on two cores a request waits tens of seconds, and a 504 would
     # drop its tokens from the count.
     env = {"RMSERVE_PREFIX_SHARING": "true" if sharing else "false", "RMSERVE_REQUEST_TIMEOUT_S": "600"}
     server = start_service(model_dir, "torch", "float32", env)
     try:
-        run_load(server.url, payloads, route=route, clients=clients, seconds=3)
-        return run_load(server.url, payloads, route=route, clients=clients, seconds=seconds)
+        run_load(server.url, payloads[-clients:], route=route, clients=clients, total=clients)  # warm up
+        return run_load(server.url, payloads, route=route, clients=clients, total=requests)
     finally:
         server.stop()
 
@@ -93,8 +94,8 @@ def train_tokens(model_dir: Path, exs: list[Any], sharing: bool, steps: int) -> 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="default")
-    ap.add_argument("--seconds", type=float, default=20.0)
-    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=24, help="requests per measurement (the same ones each time)")
+    ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--train-steps", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=2, help="alternate sharing off and on this many times")
     args = ap.parse_args()
@@ -123,7 +124,7 @@ def main() -> None:
         runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
         for _ in range(args.rounds):
             for key, sharing in (("off", False), ("on", True)):
-                runs[key].append(service_tps(model_dir, payloads, route, sharing, args.seconds, args.clients))
+                runs[key].append(service_tps(model_dir, payloads, route, sharing, args.requests, args.clients))
         res[name] = {k: combined(v) for k, v in runs.items()}
         off_r, on_r = res[name]["off"], res[name]["on"]
         print(

@@ -56,14 +56,6 @@ def _copyable(cache: Any) -> bool:
     return type(cache) is DynamicCache
 
 
-def _gathered(cache: Any, rows: torch.Tensor) -> Any:
-    """A new cache whose row r is the given (copyable) cache's row rows[r]; indexing keeps the graph
-    for training."""
-    from transformers import DynamicCache
-
-    return DynamicCache(ddp_cache_data=[(x.keys[rows], x.values[rows]) for x in cache.layers])
-
-
 def _padded(rows: Sequence[Sequence[int]], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ids, their mask and their lengths."""
     width = max(len(x) for x in rows)
@@ -83,11 +75,12 @@ def grouped_prefix_rewards(
     """Rewards of prefix + suffix for each (prefix, suffixes) group, each prefix run once. One (K,)
     float32 tensor per group.
 
-    The prefixes of several groups run together in one batch (length-sorted chunks, right padding);
-    the suffixes of all those groups then run in length-sorted chunks, each row on a copy of its own
-    prefix's cache row, with position ids that continue its prefix and a mask that hides the prefix
-    padding. So many prompts cost a few large passes rather than two small ones each. Gradients flow
-    through the prefix passes from every suffix (for training).
+    The prefixes of several groups run together (length-sorted chunks, right padding); their caches
+    are joined, padded to the longest prefix; the suffixes of all groups then run in length-sorted
+    chunks, each row on a copy of its own prefix's cache row, with position ids that continue its
+    prefix and a mask that hides the prefix padding. So many prompts cost a few large passes rather
+    than two small ones each. Gradients flow through the prefix passes from every suffix (for
+    training).
     """
     if not groups:
         return []
@@ -95,6 +88,8 @@ def grouped_prefix_rewards(
     dev = model.device
     key = _cache_kwarg(body)
     out: list[list[torch.Tensor | None]] = [[None] * len(sfx) for _, sfx in groups]
+    # 1. The prefixes, in length-sorted chunks (padding costs a whole token through every layer).
+    parts = []  # (groups of the chunk, cache, prefix mask, prefix lengths)
     for pchunk in length_chunks([len(p) for p, _ in groups], max_pad_ratio):
         pids, pmask, plens = _padded([groups[g][0] for g in pchunk], dev)
         width = pids.shape[1]
@@ -105,33 +100,58 @@ def grouped_prefix_rewards(
             use_cache=True,
         )
         cache = getattr(res, "cache", None) or res.past_key_values
-        # every (group, answer) of this chunk: its prefix row and its suffix
-        members = [(r, g, k) for r, g in enumerate(pchunk) for k in range(len(groups[g][1]))]
-        suffixes = [groups[g][1][k] for _, g, k in members]
-        schunks = length_chunks([len(x) for x in suffixes], max_pad_ratio)
-        copyable = _copyable(cache)
-        if not copyable and len(pchunk) > 1:  # a cache this code cannot copy: one group at a time
-            for g in pchunk:
-                out[g] = list(grouped_prefix_rewards(model, [groups[g]], max_pad_ratio)[0])
-            continue
-        for schunk in schunks if copyable else [list(range(len(members)))]:
-            rows = torch.tensor([members[i][0] for i in schunk], device=dev)
-            if copyable:
-                chunk_cache = _gathered(cache, rows)
-            else:  # one group, all its answers in one pass on the cache repeated in place
-                cache.batch_repeat_interleave(len(schunk))
-                chunk_cache = cache
-            sids, smask, slens = _padded([suffixes[i] for i in schunk], dev)
-            s = sids.shape[1]
-            mask = torch.cat([pmask[rows], smask], dim=1)
-            pos = plens[rows][:, None] + torch.arange(s, device=dev)[None]
-            res2 = body(input_ids=sids, attention_mask=mask, position_ids=pos, use_cache=True, **{key: chunk_cache})
-            h = res2.last_hidden_state  # (n, S, H)
-            vals = model.head(h[torch.arange(len(schunk), device=dev), slens - 1].float()).squeeze(-1)
-            for i, v in zip(schunk, vals, strict=True):
-                _, g, k = members[i]
-                out[g][k] = v
+        if not _copyable(cache):  # a cache this code cannot copy: each group alone, the cache repeated in place
+            if len(groups) > 1:
+                return [grouped_prefix_rewards(model, [g], max_pad_ratio)[0] for g in groups]
+            cache.batch_repeat_interleave(len(groups[0][1]))
+            k = len(groups[0][1])
+            return [_suffix_pass(model, key, cache, pmask.expand(k, -1), plens.expand(k), groups[0][1])]
+        parts.append((pchunk, cache, pmask, plens))
+    # 2. One cache over all prefixes, padded to the longest (padded keys are masked; they cost only
+    # attention, not the MLPs), so that the answers of all groups run in as few chunks as possible.
+    width = max(p[2].shape[1] for p in parts)
+    n_layers = len(parts[0][1].layers)
+    keys = [torch.cat([_pad_seq(p[1].layers[i].keys, width) for p in parts]) for i in range(n_layers)]
+    values = [torch.cat([_pad_seq(p[1].layers[i].values, width) for p in parts]) for i in range(n_layers)]
+    pmask = torch.cat([torch.nn.functional.pad(p[2], (0, width - p[2].shape[1])) for p in parts])
+    plens = torch.cat([p[3] for p in parts])
+    row_of = {g: r for r, g in enumerate(g for p in parts for g in p[0])}
+    members = [(row_of[g], g, k) for g in range(len(groups)) for k in range(len(groups[g][1]))]
+    suffixes = [groups[g][1][k] for _, g, k in members]
+    from transformers import DynamicCache
+
+    for schunk in length_chunks([len(x) for x in suffixes], max_pad_ratio):
+        rows = torch.tensor([members[i][0] for i in schunk], device=dev)
+        chunk_cache = DynamicCache(ddp_cache_data=[(k[rows], v[rows]) for k, v in zip(keys, values, strict=True)])
+        vals = _suffix_pass(model, key, chunk_cache, pmask[rows], plens[rows], [suffixes[i] for i in schunk])
+        for i, v in zip(schunk, vals, strict=True):
+            _, g, k = members[i]
+            out[g][k] = v
     return [torch.stack([v for v in vs if v is not None]) for vs in out]
+
+
+def _pad_seq(x: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, heads, P, D) padded with zeros to P = width."""
+    return torch.nn.functional.pad(x, (0, 0, 0, width - x.shape[2])) if x.shape[2] < width else x
+
+
+def _suffix_pass(
+    model: RewardModel,
+    key: str,
+    cache: Any,
+    pmask: torch.Tensor,
+    plens: torch.Tensor,
+    suffixes: Sequence[Sequence[int]],
+) -> torch.Tensor:
+    """Rewards of each suffix row on its prefix cache row: positions continue the prefix, the mask
+    hides the prefix's padding. (n,) float32."""
+    dev = model.device
+    sids, smask, slens = _padded(suffixes, dev)
+    mask = torch.cat([pmask, smask], dim=1)
+    pos = plens[:, None] + torch.arange(sids.shape[1], device=dev)[None]
+    h = model.body(input_ids=sids, attention_mask=mask, position_ids=pos, use_cache=True, **{key: cache})
+    last = h.last_hidden_state[torch.arange(len(suffixes), device=dev), slens - 1]
+    return model.head(last.float()).squeeze(-1)
 
 
 def shared_prefix_rewards(

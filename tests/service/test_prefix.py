@@ -144,3 +144,23 @@ def test_several_prompts_in_one_pass_equal_plain(arch: str, llama_dir: Path, gpt
             got = grouped_prefix_rewards(model, groups, max_pad_ratio=ratio)
             for g, ids in zip(got, plain_ids, strict=True):
                 assert g.tolist() == pytest.approx(model.score_ids(ids, tok.pad_token_id, side="right"), abs=1e-4)
+
+
+def test_a_cache_that_cannot_be_copied_falls_back_to_one_group_at_a_time(
+    llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import models.prefix as prefix
+
+    model, tok = _model(llama_dir)
+    f = model.formatter(tok)
+    groups, plain = [], []
+    for pr in (PROMPT, "Another question, a little longer than the first one?"):
+        encs = [f.encode(pr, a) for a in ANSWERS]
+        p = encs[0].prompt_len
+        groups.append((encs[0].ids[:p], [e.ids[p:] for e in encs]))
+        plain.append(model.score_ids([e.ids for e in encs], tok.pad_token_id, side="right"))
+    monkeypatch.setattr(prefix, "_copyable", lambda cache: False)
+    with torch.no_grad():
+        got = grouped_prefix_rewards(model, groups)
+    for g, ref in zip(got, plain, strict=True):
+        assert g.tolist() == pytest.approx(ref, abs=1e-4)
