@@ -41,13 +41,14 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def group_shared_prefixes(
-    seqs: Sequence[Sequence[int]], min_prefix: int = 16, min_saved: int = 32, pass_cost: int = 16
+    seqs: Sequence[Sequence[int]], min_prefix: int = 16, min_saved: int | None = None, pass_cost: int = 16
 ) -> tuple[list[tuple[int, list[int]]], list[int]]:
     """Split sequence indices into shared-prefix groups and the rest, doing the least work.
 
     Returns (groups, singles): each group is (prefix length, member indices) with at least two
     members, a prefix of at least `min_prefix` tokens that leaves every member one token or more of
-    its own, and at least `min_saved` tokens of work saved; `singles` are the other indices.
+    its own, and at least `min_saved` tokens of work saved (default: twice `min_prefix`, the rule the
+    batcher plans with and the runtime groups by); `singles` are the other indices.
 
     Sequences sorted by their ids put those with long common prefixes next to each other; the
     partition of that order into runs is chosen by dynamic programming on token cost (a group costs
@@ -55,6 +56,8 @@ def group_shared_prefixes(
     prompt's answers were truncated differently (older turns dropped), the rest still share the whole
     prompt instead of all sharing only the system header.
     """
+    if min_saved is None:
+        min_saved = 2 * min_prefix
     n = len(seqs)
     order = sorted(range(n), key=lambda i: tuple(seqs[i]))
     lens = [len(seqs[i]) for i in order]
@@ -95,7 +98,7 @@ def shared_prefix_batches(
     batch_tokens: int,
     max_seqs: int = 256,
     min_prefix: int = 16,
-    min_saved: int = 32,
+    min_saved: int | None = None,
     max_pad_ratio: float | None = None,
 ) -> list[list[int]]:
     """Batches that keep each shared-prefix group together (for a runtime that computes a shared

@@ -150,8 +150,7 @@ class Batcher:
                 self.max_batch_tokens,
                 self.max_batch_size,
                 self.min_prefix,
-                2 * self.min_prefix,
-                self.max_pad_ratio,
+                max_pad_ratio=self.max_pad_ratio,
             )
         else:
             groups = length_batches(

@@ -29,7 +29,7 @@ class TorchRuntime:
     def score(self, seqs: Sequence[Sequence[int]]) -> list[float]:
         if not self.prefix_sharing or len(seqs) < 2:
             return self._plain(seqs)
-        groups, singles = group_shared_prefixes(seqs, self.min_prefix, 2 * self.min_prefix)
+        groups, singles = group_shared_prefixes(seqs, self.min_prefix)
         out = [0.0] * len(seqs)
         rewards = grouped_prefix_rewards(
             self.model, [(seqs[idx[0]][:plen], [seqs[i][plen:] for i in idx]) for plen, idx in groups]
