@@ -7,12 +7,12 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from models.formatting import Encoded, Formatter, FormattingError
 from service.batcher import Batcher, QueueFull
 from service.errors import DeadlineExceeded, InferenceFailed, InvalidRequest, Overloaded, PayloadTooLarge
 from service.metrics import Metrics
+from service.schemas import Job
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +55,41 @@ class ScoringEngine:
         self.metrics = metrics
         self.log_texts = log_texts
 
-    # -- checks ---------------------------------------------------------------------------------
-    def check_count(self, n: int, param: str) -> None:
-        if n == 0:
-            raise InvalidRequest(f"'{param}' is empty; give at least one", param=param)
-        if n > self.limits.max_responses:
+    # -- one step from jobs to scores ------------------------------------------------------------
+    async def score(self, jobs: Sequence[Job], count_param: str) -> Scored:
+        """Check every limit, format off the event loop, score through the batcher, all within the
+        request deadline. `count_param` names the list the jobs came from (for count errors)."""
+        self.check_jobs(jobs, count_param)
+        try:
+            return await asyncio.wait_for(self._encode_and_run(jobs), self.limits.request_timeout_s)
+        except asyncio.TimeoutError:
+            self.metrics.failures.labels("timeout").inc()
+            raise DeadlineExceeded(
+                f"the request did not finish within {self.limits.request_timeout_s:g} s (RMSERVE_REQUEST_TIMEOUT_S)"
+            ) from None
+
+    async def _encode_and_run(self, jobs: Sequence[Job]) -> Scored:
+        return await self.run(await asyncio.to_thread(self.encode, jobs))
+
+    def check_jobs(self, jobs: Sequence[Job], count_param: str) -> None:
+        """Every request limit, in one place: the count, and each text's length (each prompt once)."""
+        if not jobs:
+            raise InvalidRequest(f"'{count_param}' is empty; give at least one", param=count_param)
+        if len(jobs) > self.limits.max_responses:
             raise PayloadTooLarge(
-                f"'{param}' has {n} entries; at most {self.limits.max_responses} are allowed per request "
-                "(RMSERVE_MAX_RESPONSES)",
-                param=param,
+                f"'{count_param}' has {len(jobs)} entries; at most {self.limits.max_responses} are allowed per "
+                "request (RMSERVE_MAX_RESPONSES)",
+                param=count_param,
                 code="too_many_responses",
             )
+        seen: set[int] = set()
+        for job in jobs:
+            if job.prompt is not None and id(job.prompt) not in seen:
+                seen.add(id(job.prompt))
+                self._check_prompt(job.prompt, job.prompt_param)
+            self._check_text(job.response, job.param)
 
-    def check_text(self, text: str, param: str, *, allow_empty: bool = False) -> None:
+    def _check_text(self, text: str, param: str, *, allow_empty: bool = False) -> None:
         if not allow_empty and not text:
             raise InvalidRequest(f"'{param}' is empty; give non-empty text", param=param, code="empty_text")
         if len(text) > self.limits.max_chars:
@@ -78,33 +100,26 @@ class ScoringEngine:
                 code="text_too_long",
             )
 
-    def check_prompt(self, prompt: str | Sequence[dict[str, str]], param: str) -> None:
+    def _check_prompt(self, prompt: str | Sequence[dict[str, str]], param: str) -> None:
         if isinstance(prompt, str):
-            self.check_text(prompt, param)
+            self._check_text(prompt, param)
             return
         if not prompt:
             raise InvalidRequest(f"'{param}' is an empty message list; give at least one message", param=param)
         for i, m in enumerate(prompt):
-            self.check_text(m["content"], f"{param}[{i}].content", allow_empty=True)
+            self._check_text(m["content"], f"{param}[{i}].content", allow_empty=True)
 
-    # -- scoring --------------------------------------------------------------------------------
-    def encode_pairs(self, pairs: Sequence[tuple[Any, str, str]]) -> list[Encoded]:
-        """(prompt, response, param naming the response) -> token ids, through the trainer's formatter."""
+    def encode(self, jobs: Sequence[Job]) -> list[Encoded]:
+        """Jobs -> token ids through the trainer's formatter (blocking: runs on a worker thread)."""
         out = []
-        for prompt, response, param in pairs:
+        for job in jobs:
             try:
-                out.append(self.formatter.encode(prompt, response, param=param))
+                if job.prompt is None:
+                    out.append(self.formatter.encode_text(job.response, param=job.param))
+                else:
+                    out.append(self.formatter.encode(job.prompt, job.response, param=job.param))
             except FormattingError as e:
-                raise InvalidRequest(str(e), param=e.param or param) from None
-        return out
-
-    def encode_texts(self, texts: Sequence[str], param: str) -> list[Encoded]:
-        out = []
-        for i, t in enumerate(texts):
-            try:
-                out.append(self.formatter.encode_text(t, param=f"{param}[{i}]"))
-            except FormattingError as e:
-                raise InvalidRequest(str(e), param=e.param or f"{param}[{i}]") from None
+                raise InvalidRequest(str(e), param=e.param or job.param) from None
         return out
 
     async def run(self, encoded: Sequence[Encoded]) -> Scored:
@@ -112,17 +127,12 @@ class ScoringEngine:
         if self.log_texts:
             log.debug("scoring %d sequences: %s", len(seqs), [self.formatter.tokenizer.decode(s) for s in seqs])
         try:
-            scores = await asyncio.wait_for(self.batcher.submit(seqs), self.limits.request_timeout_s)
+            scores = await self.batcher.submit(seqs)
         except QueueFull as e:
             self.metrics.failures.labels("overloaded").inc()
             raise Overloaded(
                 f"the service is at its admission limit: {e}; retry later",
                 retry_after=self.limits.retry_after_s,
-            ) from None
-        except TimeoutError:
-            self.metrics.failures.labels("timeout").inc()
-            raise DeadlineExceeded(
-                f"the request did not finish within {self.limits.request_timeout_s:g} s (RMSERVE_REQUEST_TIMEOUT_S)"
             ) from None
         except asyncio.CancelledError:
             raise

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ServiceError(Exception):
     status = 500
@@ -54,3 +56,36 @@ class NotReady(ServiceError):
 class InferenceFailed(ServiceError):
     status = 500
     type = "inference_error"
+
+
+class _Validation(ServiceError):
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, *, status: int, param: str | None, code: str) -> None:
+        super().__init__(message, param=param, code=code)
+        self.status = status
+
+
+# pydantic's names for union branches, dropped from error locations ('str', 'list[Message]', ...).
+_BRANCH_NAMES = ("str", "list[Message]", "RerankDocument")
+
+
+def validation_error(errors: list[dict[str, Any]]) -> ServiceError:
+    """pydantic's validation errors -> one error naming the deepest bad field (400 for invalid JSON)."""
+    errors = sorted(errors, key=lambda e: -len(e.get("loc", ())))  # with unions the deepest is informative
+    first: dict[str, Any] = errors[0] if errors else {"msg": "invalid request", "loc": ()}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [p for p in loc if not (p in _BRANCH_NAMES or p.startswith("function-"))]
+    param = ".".join(loc) or None
+    kind = str(first.get("type", "invalid"))
+    if kind == "json_invalid":
+        ctx: Any = first.get("ctx") or {}
+        msg = f"the request body is not valid JSON: {ctx.get('error', first.get('msg'))}"
+        return _Validation(msg, status=400, param=None, code="json_invalid")
+    if param is None and kind in ("model_attributes_type", "dict_type"):
+        msg = "the request body must be a JSON object (send Content-Type: application/json)"
+        return _Validation(msg, status=422, param=None, code="body_not_object")
+    msg = f"{param + ': ' if param else ''}{first.get('msg')}"
+    if len(errors) > 1:
+        msg += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return _Validation(msg, status=422, param=param, code=kind)

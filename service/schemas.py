@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -14,6 +15,22 @@ class Message(BaseModel):
 
 
 Prompt = str | list[Message]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One sequence to score, as every route reduces its body: a prompt (a string or a list of message
+    dicts; None when `response` is one already-templated text) and the answer, with the request fields
+    that errors name."""
+
+    prompt: str | list[dict[str, str]] | None
+    response: str
+    param: str
+    prompt_param: str = "prompt"
+
+
+def prompt_value(prompt: Prompt) -> str | list[dict[str, str]]:
+    return prompt if isinstance(prompt, str) else [m.model_dump() for m in prompt]
 
 
 class ScoreItem(BaseModel):
@@ -45,6 +62,17 @@ class ScoreRequest(BaseModel):
             raise ValueError("give 'prompt' and 'responses', or 'items'")
         return self
 
+    def jobs(self) -> tuple[list[Job], str]:
+        """(jobs, the name of the list they came from)."""
+        if self.items is not None:
+            return [
+                Job(prompt_value(it.prompt), it.response, f"items[{i}].response", f"items[{i}].prompt")
+                for i, it in enumerate(self.items)
+            ], "items"
+        assert self.prompt is not None and self.responses is not None
+        p = prompt_value(self.prompt)
+        return [Job(p, r, f"responses[{i}]") for i, r in enumerate(self.responses)], "responses"
+
 
 class Usage(BaseModel):
     tokens: int
@@ -65,6 +93,10 @@ class RankRequest(BaseModel):
     temperature: float = Field(1.0, gt=0, le=1e6, allow_inf_nan=False, description="softmax temperature")
     return_pairwise: bool = Field(False, description="also return P(i better than j) = sigmoid(r_i - r_j)")
     normalize: bool = False
+
+    def jobs(self) -> tuple[list[Job], str]:
+        p = prompt_value(self.prompt)
+        return [Job(p, r, f"responses[{i}]") for i, r in enumerate(self.responses)], "responses"
 
 
 class Ranked(BaseModel):
@@ -94,6 +126,12 @@ class RerankRequest(BaseModel):
     top_n: int | None = Field(None, ge=1)
     return_documents: bool = True
 
+    def texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]
+
+    def jobs(self) -> tuple[list[Job], str]:
+        return [Job(self.query, t, f"documents[{i}]", "query") for i, t in enumerate(self.texts())], "documents"
+
 
 class RerankResult(BaseModel):
     index: int
@@ -119,6 +157,9 @@ class RewardRequest(BaseModel):
     query: list[str]
     prompts: list[Any] | None = None
     labels: list[Any] | None = None
+
+    def jobs(self) -> tuple[list[Job], str]:
+        return [Job(None, q, f"query[{i}]") for i, q in enumerate(self.query)], "query"
 
 
 class RewardResponse(BaseModel):

@@ -57,7 +57,8 @@ def _graceful_server_class() -> type:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from service.app import create_app, resolve_model_dir
+    from service.app import create_app
+    from service.runtimes import resolve_model_dir
     from service.settings import Settings
 
     settings = settings_from_args(args)

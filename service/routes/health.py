@@ -7,19 +7,19 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.errors import NotReady
-from service.routes.deps import ERRORS, OPEN, SCORING, StateDep
+from service.routes.deps import ERRORS, StateDep
 from service.schemas import ModelCard, ModelList
 
 router = APIRouter(tags=["health"], responses=ERRORS)
 
 
-@router.get("/health", dependencies=OPEN)
+@router.get("/health")
 async def health() -> dict[str, str]:
     """Alive (the process answers)."""
     return {"status": "ok"}
 
 
-@router.get("/ready", dependencies=OPEN)
+@router.get("/ready")
 async def ready(state: StateDep) -> JSONResponse:
     """200 once the model is loaded and warmed up and the runtime is not failing; 503 otherwise."""
     if not state.ready or state.batcher is None:
@@ -31,13 +31,13 @@ async def ready(state: StateDep) -> JSONResponse:
     )
 
 
-@router.get("/metrics", dependencies=OPEN)
+@router.get("/metrics")
 async def metrics(state: StateDep) -> Response:
     """Prometheus metrics, prefix rmserve_."""
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/models", response_model=ModelList, dependencies=SCORING)
+@router.get("/v1/models", response_model=ModelList)
 async def models(state: StateDep) -> ModelList:
     """The served model: backbone, parameters, max length, dtype, runtime, normalization, training metrics."""
     if state.card is None:

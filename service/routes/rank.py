@@ -4,11 +4,10 @@ import math
 
 from fastapi import APIRouter, Request
 
-from service.app import until_disconnected
-from service.routes.deps import ERRORS, SCORING, EngineDep, prompt_value
+from service.routes.deps import ERRORS, EngineDep, until_disconnected
 from service.schemas import Ranked, RankRequest, RankResponse, Usage
 
-router = APIRouter(tags=["scoring"], dependencies=SCORING, responses=ERRORS)
+router = APIRouter(tags=["scoring"], responses=ERRORS)
 
 
 def softmax(xs: list[float], temperature: float) -> list[float]:
@@ -28,13 +27,7 @@ async def rank(req: RankRequest, engine: EngineDep, request: Request) -> RankRes
     """Rank responses best first; probability = softmax(score / temperature), the chance each is best
     under Bradley-Terry; with return_pairwise, P(i better than j) = sigmoid(r_i - r_j)."""
     engine.check_normalize(req.normalize)
-    engine.check_count(len(req.responses), "responses")
-    p = prompt_value(req.prompt)
-    engine.check_prompt(p, "prompt")
-    for i, r in enumerate(req.responses):
-        engine.check_text(r, f"responses[{i}]")
-    pairs = [(p, r, f"responses[{i}]") for i, r in enumerate(req.responses)]
-    scored = await until_disconnected(request, engine.run(engine.encode_pairs(pairs)))
+    scored = await until_disconnected(request, engine.score(*req.jobs()))
     scores = engine.normalize(scored.scores, req.normalize)
     probs = softmax(scores, req.temperature)
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[: req.top_n]

@@ -4,24 +4,18 @@ import uuid
 
 from fastapi import APIRouter, Request
 
-from service.app import until_disconnected
-from service.routes.deps import ERRORS, SCORING, EngineDep
+from service.routes.deps import ERRORS, EngineDep, until_disconnected
 from service.schemas import RerankDocument, RerankRequest, RerankResponse, RerankResult, RerankUsage
 
-router = APIRouter(tags=["scoring"], dependencies=SCORING, responses=ERRORS)
+router = APIRouter(tags=["scoring"], responses=ERRORS)
 
 
 @router.post("/v1/rerank", response_model=RerankResponse, response_model_exclude_none=True)
 async def rerank(req: RerankRequest, engine: EngineDep, request: Request) -> RerankResponse:
     """Cohere/Jina/vLLM rerank shape: `query` is the prompt, each document a candidate answer;
     relevance_score is the raw reward, results best first."""
-    engine.check_count(len(req.documents), "documents")
-    engine.check_text(req.query, "query")
-    texts = [d if isinstance(d, str) else d.text for d in req.documents]
-    for i, t in enumerate(texts):
-        engine.check_text(t, f"documents[{i}]")
-    pairs = [(req.query, t, f"documents[{i}]") for i, t in enumerate(texts)]
-    scored = await until_disconnected(request, engine.run(engine.encode_pairs(pairs)))
+    texts = req.texts()
+    scored = await until_disconnected(request, engine.score(*req.jobs()))
     order = sorted(range(len(texts)), key=lambda i: (-scored.scores[i], i))[: req.top_n]
     results = [
         RerankResult(

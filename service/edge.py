@@ -1,0 +1,175 @@
+"""The HTTP edge, pure ASGI: the API key checked before the body is read, the body size limit (chunked
+bodies too), one error body for everything that reaches the edge, and request metrics (5xx included).
+
+Also the mapping of the framework's errors (validation, 404/405, unexpected exceptions) to the one error
+shape `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import PayloadTooLarge, ServiceError, Unauthorized, validation_error
+from service.metrics import Metrics
+from service.settings import Settings
+
+log = logging.getLogger("rmserve.edge")
+
+# Routes that answer without a key unless RMSERVE_AUTH_OPEN_ROUTES=true: probes, metrics and the docs.
+OPEN_ROUTES = ("/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+OPEN_PREFIXES = ("/playground", "/static/")
+
+
+def is_open(path: str) -> bool:
+    return path in OPEN_ROUTES or path.startswith(OPEN_PREFIXES)
+
+
+def check_bearer(headers: dict[bytes, bytes], key: str) -> bool:
+    """True when the `Authorization: Bearer <key>` header carries `key` (constant-time comparison)."""
+    scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+class EdgeMiddleware:
+    """Pure ASGI layer in front of the app: key before body, body limit, 5xx caught and counted, metrics."""
+
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
+        self.app = app
+        self.settings = settings
+        self.metrics = metrics
+        self.key = settings.api_key.get_secret_value() if settings.api_key is not None else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        t0 = time.perf_counter()
+        status = {"code": 500, "started": False}
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"], status["started"] = message["status"], True
+            await send(message)
+
+        headers = dict(scope.get("headers") or [])
+        try:
+            refusal = self._refuse_early(path, headers)
+            if refusal is not None:
+                await send_error(send_wrapper, refusal, refusal_headers(refusal))
+            else:
+                await self.app(scope, self._limited(receive), send_wrapper)
+        except _BodyTooLarge:
+            err = PayloadTooLarge(
+                f"the request body passed {self.settings.max_body_bytes:,} bytes (RMSERVE_MAX_BODY_BYTES)",
+                code="body_too_large",
+            )
+            if not status["started"]:
+                await send_error(send_wrapper, err)
+        except Exception as exc:  # the one place an unexpected error becomes a counted 500
+            log.exception("unexpected error on %s", path)
+            self.metrics.failures.labels("internal").inc()
+            status["code"] = 500
+            if not status["started"]:
+                await send_error(send_wrapper, internal_error(exc))
+        finally:
+            route = scope.get("route")
+            label = getattr(route, "path", None) or (path if path in OPEN_ROUTES else "other")
+            self.metrics.requests.labels(label, str(status["code"])).inc()
+            self.metrics.latency.labels(label).observe(time.perf_counter() - t0)
+
+    def _refuse_early(self, path: str, headers: dict[bytes, bytes]) -> ServiceError | None:
+        """Refusals decided from the headers alone, before a byte of the body is read."""
+        guarded = self.key is not None and (self.settings.auth_open_routes or not is_open(path))
+        if guarded and not check_bearer(headers, self.key or ""):
+            return Unauthorized(
+                "a valid API key is required: send 'Authorization: Bearer <key>'", code="invalid_api_key"
+            )
+        try:
+            length = int(headers.get(b"content-length", b"0") or 0)
+        except ValueError:
+            length = 0
+        limit = self.settings.max_body_bytes
+        if length > limit:
+            return PayloadTooLarge(
+                f"the request body is {length:,} bytes; at most {limit:,} are allowed (RMSERVE_MAX_BODY_BYTES)",
+                code="body_too_large",
+            )
+        return None
+
+    def _limited(self, receive: Receive) -> Receive:
+        limit, seen = self.settings.max_body_bytes, 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > limit:
+                    raise _BodyTooLarge()
+            return msg
+
+        return limited_receive
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def refusal_headers(err: ServiceError) -> dict[str, str]:
+    """Headers an error answer carries: Retry-After on 429/503 with a delay, WWW-Authenticate on 401."""
+    headers = {}
+    if getattr(err, "retry_after", None) is not None:
+        headers["Retry-After"] = str(err.retry_after)  # type: ignore[attr-defined]
+    if err.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return headers
+
+
+def internal_error(exc: Exception) -> ServiceError:
+    return ServiceError(f"internal error: {type(exc).__name__}", code="internal_error")
+
+
+async def send_error(send: Send, err: ServiceError, headers: dict[str, str] | None = None) -> None:
+    body = json.dumps(err.body()).encode()
+    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    hdrs += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": err.status, "headers": hdrs})
+    await send({"type": "http.response.body", "body": body})
+
+
+def error_response(err: ServiceError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=refusal_headers(err) or None)
+
+
+def install_edge(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
+    """Register the error mapping and the edge middleware on `app`."""
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(list(exc.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = str(exc.detail)
+        if exc.status_code == 400 and "parsing the body" in detail:
+            detail = "the request body could not be parsed: send UTF-8 JSON"
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request_error")
+        body: dict[str, Any] = {"error": {"message": detail, "type": kind, "param": None, "code": kind}}
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    app.add_middleware(EdgeMiddleware, settings=settings, metrics=metrics)
