@@ -20,9 +20,10 @@ that the reward is read at. A reward is a function of (prompt, answer) alone, so
   the tokenizer's own template (a probe conversation rendered with sentinels), not hard-coded. When
   the templated prompt is given too (OpenRLHF's `prompts`) and is a prefix of the text, the answer
   is everything after it, marker strings included, as text. Without it the answer starts after the
-  LAST assistant marker: the only place where an answer that spells out the template's markers can
-  change how the text is split (send the prompt to rule that out). A system message is recognized
-  at the start of the conversation only.
+  first assistant marker that follows the LAST user marker (so an answer that spells out only
+  end-of-turn and assistant markers stays text), and this is the only place where an answer that
+  also spells out a user turn can change how the text is split: send the prompt to rule that out.
+  A system message is recognized at the start of the conversation only.
 - **Text without the template's markers** (or any text for a tokenizer without a chat template) is
   parsed as an HH-RLHF transcript when it has `"\\n\\nHuman:"` and `"\\n\\nAssistant:"` turns (the
   answer is what follows the last `"\\n\\nAssistant:"`); otherwise it is scored as plain text: its
@@ -480,7 +481,9 @@ class Formatter:
         body = text.strip()
         if body.endswith(m.open_assistant):
             body = body[: -len(m.open_assistant)]
-        turns = list(re.finditer("|".join(re.escape(x) for x in sorted({m.open_user, m.open_assistant}, key=len)[::-1]), body))
+        turns = list(
+            re.finditer("|".join(re.escape(x) for x in sorted({m.open_user, m.open_assistant}, key=len)[::-1]), body)
+        )
         preamble = body[: turns[0].start()] if turns else body
         messages: list[Message] = []
         core = _lstrip_any(preamble, [*self._pads, self.tokenizer.bos_token or ""])
@@ -492,12 +495,13 @@ class Formatter:
                     "send a list of messages instead",
                     param,
                 )
-            messages.append({"role": "system", "content": _rstrip_any(core[len(open_s) :], [m.close_system or ""])})
+            content = _rstrip_any(core[len(open_s) :], [m.close_system or ""])
+            messages.append({"role": "system", "content": content.strip()})
         for i, t in enumerate(turns):
             end = turns[i + 1].start() if i + 1 < len(turns) else len(body)
             role = "user" if t.group() == m.open_user else "assistant"
             close = m.close_user if role == "user" else m.close_assistant
-            messages.append({"role": role, "content": _rstrip_any(body[t.end() : end], [close])})
+            messages.append({"role": role, "content": _rstrip_any(body[t.end() : end], [close]).strip()})
         return normalize_prompt(messages, param)
 
     def _split_text(self, text: str, prompt: str | None, param: str) -> tuple[list[Message], str] | None:
@@ -506,20 +510,23 @@ class Formatter:
         if prompt is not None and self.markers is not None:
             p = _rstrip_any(_lstrip_any(check_text(prompt, "prompt"), self._pads), self._pads, whitespace=False)
             if p.strip() and text.startswith(p):
-                return self._parse_prompt(p, param), text[len(p) :]
+                return self._parse_prompt(p, param), text[len(p) :].strip()
             log.debug("%s: the prompt given is not a prefix of the text; splitting at the last assistant marker", param)
         if self.markers is not None and self.markers.open_assistant in text:
-            cut = text.rfind(self.markers.open_assistant) + len(self.markers.open_assistant)
-            return self._parse_prompt(text[:cut], param), text[cut:]
+            # The answer starts at the first assistant marker after the last user marker.
+            cut = text.find(self.markers.open_assistant, max(0, text.rfind(self.markers.open_user)))
+            if cut >= 0:
+                cut += len(self.markers.open_assistant)
+                return self._parse_prompt(text[:cut], param), text[cut:].strip()
         if self.markers is None or not self._is_templated(text):
-            start = text if text.startswith("\n\n") else "\n\n" + text
-            cut = start.rfind(_HH_ASSISTANT)
-            if cut > 0 and "\n\nHuman:" in start[:cut]:
+            hh = text if text.startswith("\n\n") else "\n\n" + text
+            cut = hh.rfind(_HH_ASSISTANT)
+            if cut > 0 and "\n\nHuman:" in hh[:cut]:
                 try:
-                    messages = normalize_prompt(parse_hh_transcript(start[:cut]), param)
+                    messages = normalize_prompt(parse_hh_transcript(hh[:cut]), param)
                 except FormattingError:
                     return None
-                return messages, start[cut + len(_HH_ASSISTANT) :]
+                return messages, hh[cut + len(_HH_ASSISTANT) :].strip()
             return None
         raise FormattingError(
             f"{param} has the chat template's user marker but no assistant turn to score; "
