@@ -236,8 +236,8 @@ def _drop_identical(ex: RankedExample, stats: ReadStats) -> RankedExample | None
     seen: set[str] = set()
     keep: list[int] = []
     for i, r in enumerate(ex.responses):
-        if r not in seen:
-            seen.add(r)
+        if r.strip() not in seen:  # whitespace around an answer is not content (models/formatting.py)
+            seen.add(r.strip())
             keep.append(i)
     if len({ex.ranks[i] for i in keep}) < 2:
         stats.dropped_identical += 1

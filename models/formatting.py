@@ -1,21 +1,76 @@
-"""One formatting path, shared by the trainer and the service.
+"""One formatting path, shared by the trainer, `rmserve eval` and every service route.
 
-A prompt (a string or a list of chat messages) and one response become token ids built with the
-backbone tokenizer's chat template: the response is the final assistant turn, closed by the
-end-of-turn token that the reward is read at. Truncation always keeps the end of the response.
+A prompt (a message list, or a string) and one answer become token ids built with the backbone
+tokenizer's chat template: the answer is the final assistant turn, closed by the end-of-turn token
+that the reward is read at. A reward is a function of (prompt, answer) alone, so the path normalizes:
+
+- **What counts as content.** Leading and trailing whitespace of the answer and of every message
+  content is not content: it is stripped. `"Paris."`, `"Paris.\\n"` and `"  Paris.  \\n\\n"` give the
+  same ids.
+- **Content is text.** Special-token strings inside any content (`<|im_end|>`, `<|im_start|>`,
+  `<|eot_id|>`, `</s>`, ...) are tokenized as plain text, never as control tokens; only the chat
+  template's own markers are control tokens. The template is rendered once with a unique sentinel in
+  place of each content; the rendered text is split at the sentinels, the template's pieces are
+  tokenized normally and each content with special-token matching switched off, and the ids are
+  concatenated. For ordinary text this gives the ids of tokenizing the whole rendered text.
+- **Templated text** (`encode_text`, what OpenRLHF sends to `/get_reward`) is parsed back into
+  (messages, answer) by `Formatter.parse_templated` and then encoded like any other pair, so
+  `encode_text(text) == encode(*parse_templated(text))`. Pad and eos tokens and whitespace on either
+  side are removed and exactly one end-of-turn closes the answer. The role markers are learned from
+  the tokenizer's own template (a probe conversation rendered with sentinels), not hard-coded. When
+  the templated prompt is given too (OpenRLHF's `prompts`) and is a prefix of the text, the answer
+  is everything after it, marker strings included, as text. Without it the answer starts after the
+  first assistant marker that follows the LAST user marker (so an answer that spells out only
+  end-of-turn and assistant markers stays text), and this is the only place where an answer that
+  also spells out a user turn can change how the text is split: send the prompt to rule that out.
+  A system message is recognized at the start of the conversation only.
+- **Text without the template's markers** (or any text for a tokenizer without a chat template) is
+  parsed as an HH-RLHF transcript when it has `"\\n\\nHuman:"` and `"\\n\\nAssistant:"` turns (the
+  answer is what follows the last `"\\n\\nAssistant:"`); otherwise it is scored as plain text: its
+  stripped content then one end-of-turn token, no template.
+- **Templated prompt strings.** A prompt *string* given to `encode` that contains the template's
+  user or assistant marker is parsed as the templated prompt (the same parse as above), so
+  `encode(p, a) == encode_text(p + a, prompt=p)`. Any other string is one user turn.
+- **Truncation keeps the question**, in linear time: each content is tokenized once and cuts are
+  made by token counts. While the sequence is longer than `max_length`, the oldest turns are dropped
+  (a leading system message stays; whole user-led turns, so roles still alternate) until only the
+  last user turn and what follows it remain. If that is still too long, contents are cut from their
+  start (their end survives): the answer keeps as much as leaves the final user message at least
+  `QUESTION_SHARE` of `max_length` (or all of it, if shorter), the final user message keeps what is
+  left, then earlier contents (a system message). The template's markers and the answer's
+  end-of-turn token are never cut. `truncation="error"` refuses any cut with a `TooLongError`.
+  A content far longer than `max_length` is tokenized only over its last `max_length * 8`
+  characters (it can never fit whole; only its end is ever kept).
+- Text that is not valid Unicode (a lone surrogate such as `"\\ud800"`) is a `FormattingError`
+  naming the field.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
+
+log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
 Truncation = Literal["left", "error"]
 Message = dict[str, str]
 Prompt = str | Sequence[Mapping[str, Any]]
+
+QUESTION_SHARE = 0.25
+"""Share of `max_length` that the final user message keeps (its end) when the answer alone is too long."""
+
+_WINDOW_CHARS_PER_TOKEN = 8
+"""A content longer than `max_length * 8` characters is tokenized over its tail only (see `_content_ids`)."""
+
+_SENTINEL = "\ue000{}\ue001"  # private-use code points: never produced by a template
+_SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+_HH_ASSISTANT = "\n\nAssistant:"
 
 
 class FormattingError(ValueError):
@@ -26,13 +81,22 @@ class FormattingError(ValueError):
         self.param = param
 
 
+class TooLongError(FormattingError):
+    """The sequence is longer than `limit` and truncation="error" was asked (the service answers 413)."""
+
+    def __init__(self, message: str, param: str | None, length: int, limit: int) -> None:
+        super().__init__(message, param)
+        self.length = length
+        self.limit = limit
+
+
 @dataclass(frozen=True)
 class Encoded:
-    """Token ids of one (prompt, response) sequence.
+    """Token ids of one (prompt, answer) sequence.
 
-    `prompt_len` is the number of leading ids that are the prompt alone (an exact token prefix of
-    `ids`); it is 0 when the prompt's own tokenization is not a prefix of the full sequence, or when
-    truncation cut into the response.
+    `prompt_len` is the number of leading ids that are the prompt (the template up to where the
+    answer's content starts): an exact token prefix of `ids`, identical for every answer to the same
+    prompt unless truncation cut the prompt. `truncated` is true whenever anything was cut.
     """
 
     ids: list[int]
@@ -41,6 +105,21 @@ class Encoded:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+def check_text(text: Any, param: str) -> str:
+    """`text` itself when it is a string that can be encoded as UTF-8, else a FormattingError naming `param`."""
+    if not isinstance(text, str):
+        raise FormattingError(f"{param} must be a string, got {type(text).__name__}", param)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise FormattingError(
+            f"{param} is not valid Unicode text: {e.reason} at character {e.start} ({text[e.start]!r}); "
+            "send UTF-8 encodable text",
+            param,
+        ) from None
+    return text
 
 
 def normalize_prompt(prompt: Prompt, param: str = "prompt") -> list[Message]:
@@ -67,9 +146,6 @@ def normalize_prompt(prompt: Prompt, param: str = "prompt") -> list[Message]:
     return messages
 
 
-_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
-
-
 def parse_hh_transcript(transcript: str) -> list[Message]:
     """Parse an HH-RLHF transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...") into chat messages."""
     text = transcript if transcript.startswith("\n\n") else "\n\n" + transcript
@@ -91,33 +167,48 @@ def split_hh_pair(chosen: str, rejected: str) -> tuple[list[Message], str, str]:
     The prompt is the dialogue the two transcripts share, up to the last "\n\nAssistant:" inside
     their common prefix; each response is what follows that marker on its side.
     """
-    marker = "\n\nAssistant:"
     n = next(
         (i for i, (a, b) in enumerate(zip(chosen, rejected, strict=False)) if a != b), min(len(chosen), len(rejected))
     )
-    cut = chosen.rfind(marker, 0, n)
+    cut = chosen.rfind(_HH_ASSISTANT, 0, n)
     if cut < 0:
         raise FormattingError("chosen and rejected share no dialogue up to an Assistant turn", "rejected")
     prompt = parse_hh_transcript(chosen[:cut])
     if prompt[-1]["role"] != "user":
         raise FormattingError("the shared dialogue does not end with a Human turn", "chosen")
-    start = cut + len(marker)
+    start = cut + len(_HH_ASSISTANT)
     return prompt, chosen[start:].strip(), rejected[start:].strip()
 
 
-def _plain_render(messages: Sequence[Message]) -> str:
-    names = {"system": "System", "user": "Human", "assistant": "Assistant"}
-    return "".join(f"\n\n{names[m['role']]}: {m['content']}" for m in messages)
+@dataclass(frozen=True)
+class TemplateMarkers:
+    """The chat template's role markers, learned by rendering probe conversations with sentinels.
+
+    Markers are stored stripped of surrounding whitespace (content is stripped too, so whitespace
+    between a marker and its content carries nothing).
+    """
+
+    open_user: str
+    open_assistant: str
+    close_user: str
+    close_assistant: str
+    preamble: str  # what precedes the first user turn when there is no system message (a default system turn)
+    open_system: str | None  # None when the template has no system turn of its own
+    close_system: str | None
+
+
+Piece = str | int  # template text, or the index of a content slot (len(messages) is the answer)
 
 
 class Formatter:
-    """Formats (prompt, response) pairs into token ids for the reward model.
+    """Formats (prompt, answer) pairs into token ids for the reward model: the one canonical path.
 
     Args:
-        tokenizer: the backbone's Hugging Face tokenizer.
+        tokenizer: the backbone's Hugging Face tokenizer (fast tokenizers use their `tokenizers`
+            backend directly; slow ones go through `split_special_tokens`).
         max_length: most tokens per sequence, the scored token included.
-        truncation: what to do when the response alone is longer than `max_length`: "left" cuts its
-            start, "error" refuses.
+        truncation: default for sequences longer than `max_length`: "left" cuts (see the module
+            docstring for the order), "error" refuses with a `TooLongError`. Each call may override it.
     """
 
     def __init__(self, tokenizer: Any, max_length: int = 1024, truncation: Truncation = "left") -> None:
@@ -131,89 +222,361 @@ class Formatter:
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
         self.eot_token: str | None = tokenizer.eos_token
         self.eot_id: int | None = tokenizer.eos_token_id
+        self._encode_template, self._encode_content = _encoders(tokenizer)
+        self._piece_cache: dict[str, list[int]] = {}
+        self._pads = [t for t in dict.fromkeys([tokenizer.pad_token, tokenizer.eos_token]) if t]
+        self.markers = self._learn_markers() if self.has_template else None
+        if self.has_template and self.markers is None:
+            log.warning("could not learn the chat template's role markers: templated text is scored as plain text")
 
-    # -- text rendering -------------------------------------------------------------------------
-    def render(self, messages: Sequence[Message], response: str) -> tuple[str, str]:
-        """Return (prompt text, response text) whose concatenation is the full sequence's text."""
-        if self.has_template:
-            prompt_text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-            full = self.tokenizer.apply_chat_template(
-                [*messages, {"role": "assistant", "content": response}], tokenize=False
-            )
-            if not full.startswith(prompt_text):
-                # Templates that rewrite earlier turns: fall back to the full text as the response part.
-                return "", self._close(full)
-            return prompt_text, self._close(full[len(prompt_text) :])
-        return _plain_render(messages) + "\n\nAssistant:", self._close(" " + response)
-
-    def _close(self, response_text: str) -> str:
-        """End the response at its end-of-turn token (the scored token), dropping what follows it."""
-        if self.eot_token:
-            cut = response_text.rfind(self.eot_token)
-            if cut >= 0:
-                return response_text[: cut + len(self.eot_token)]
-            return response_text + self.eot_token
-        return response_text
-
-    def _ids(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    # -- encoding -------------------------------------------------------------------------------
-    def encode(self, prompt: Prompt, response: str, param: str = "response") -> Encoded:
-        """Token ids for one (prompt, response), truncated to `max_length` keeping the response's end."""
-        if not isinstance(response, str):
-            raise FormattingError(f"{param} must be a string", param)
-        messages = normalize_prompt(prompt)
-        prompt_text, response_text = self.render(messages, response)
-        full_ids = self._ids(prompt_text + response_text)
-        prompt_ids = self._ids(prompt_text)
-        is_prefix = full_ids[: len(prompt_ids)] == prompt_ids
-        if len(full_ids) <= self.max_length:
-            return Encoded(full_ids, len(prompt_ids) if is_prefix else 0, False)
-        return self._truncate(messages, response, param)
-
-    def _truncate(self, messages: list[Message], response: str, param: str) -> Encoded:
-        # 1. Drop the oldest turns (a leading system message stays) while more than the last user turn remains.
-        msgs = list(messages)
-        first = 1 if msgs and msgs[0]["role"] == "system" else 0
-        while len(msgs) - first > 1:
-            del msgs[first]
-            prompt_text, response_text = self.render(msgs, response)
-            full_ids = self._ids(prompt_text + response_text)
-            if len(full_ids) <= self.max_length:
-                prompt_ids = self._ids(prompt_text)
-                ok = full_ids[: len(prompt_ids)] == prompt_ids
-                return Encoded(full_ids, len(prompt_ids) if ok else 0, True)
-        # 2. Cut prompt tokens from the left.
-        prompt_text, response_text = self.render(msgs, response)
-        prompt_ids, response_ids = self._ids(prompt_text), self._ids(response_text)
-        room = self.max_length - len(response_ids)
-        if room > 0:
-            return Encoded(prompt_ids[len(prompt_ids) - room :] + response_ids, room, True)
-        # 3. The response alone is too long.
-        if self.truncation == "error":
-            raise FormattingError(
-                f"{param} is {len(response_ids):,} tokens; max_length is {self.max_length:,} and "
-                "truncation='error' was asked (use truncation='left' to keep its end)",
-                param,
-            )
-        return Encoded(response_ids[-self.max_length :], 0, True)
-
-    def encode_text(self, text: str, param: str = "query") -> Encoded:
-        """Already-templated text scored as given (no special tokens added), reward at its last token."""
+    # -- template rendering -----------------------------------------------------------------------
+    def _render(self, messages: Sequence[Message], generation_prompt: bool = False) -> str:
+        text = self.tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=generation_prompt
+        )
         if not isinstance(text, str):
-            raise FormattingError(f"{param} must be a string", param)
-        ids = self._ids(text)
-        if not ids:
-            raise FormattingError(f"{param} is empty after tokenization; give non-empty text", param)
-        if len(ids) <= self.max_length:
-            return Encoded(ids, 0, False)
-        if self.truncation == "error":
+            raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected text")
+        return text
+
+    def _layout(self, roles: Sequence[tuple[int, str]], n_answer: int) -> list[Piece]:
+        """Template pieces and content slots of the conversation `roles` ((slot, role) pairs) + the answer.
+
+        The answer's slot `n_answer` comes last, followed by its end-of-turn text only.
+        """
+        if not self.has_template:
+            names = {"system": "System", "user": "Human", "assistant": "Assistant"}
+            plain: list[Piece] = []
+            for slot, role in roles:
+                plain += [f"\n\n{names[role]}:", slot]
+            return [*plain, "\n\nAssistant:", n_answer, self.eot_token or ""]
+        conv = [{"role": role, "content": _SENTINEL.format(slot)} for slot, role in roles]
+        conv.append({"role": "assistant", "content": _SENTINEL.format(n_answer)})
+        try:
+            text = self._render(conv)
+        except Exception as e:  # jinja's TemplateError and raise_exception(): the template refused the roles
+            raise FormattingError(f"the chat template refused this conversation: {e}", "prompt") from None
+        parts = _SENTINEL_RE.split(text)  # [text, slot, text, slot, ..., text]
+        slots = [int(s) for s in parts[1::2]]
+        if sorted(slots) != sorted([s for s, _ in roles] + [n_answer]) or slots[-1] != n_answer:
             raise FormattingError(
-                f"{param} is {len(ids):,} tokens; max_length is {self.max_length:,} and truncation='error' was asked",
-                param,
+                "the chat template does not render each message's content exactly once with the answer last; "
+                "this conversation cannot be formatted with it",
+                "prompt",
             )
-        return Encoded(ids[-self.max_length :], 0, True)
+        out: list[Piece] = [parts[0]]
+        for slot, txt in zip(slots, parts[2::2], strict=True):
+            out += [slot, txt]
+        out[-1] = self._close(str(out[-1]))
+        return [p for p in out if p != ""]
+
+    def _close(self, tail: str) -> str:
+        """The template text after the answer, up to and including its end-of-turn token (the scored token)."""
+        if self.eot_token:
+            cut = tail.find(self.eot_token)
+            return tail[: cut + len(self.eot_token)] if cut >= 0 else tail + self.eot_token
+        return tail
+
+    def render(self, messages: Sequence[Message], response: str) -> tuple[str, str]:
+        """(prompt text, answer text) of a pair, for reading; ids come from `encode` (content is text there)."""
+        roles = [(i, m["role"]) for i, m in enumerate(messages)]
+        contents = [*self._contents(messages), response.strip()]
+        if not self.has_template:
+            contents = [" " + c for c in contents]
+        layout = self._layout(roles, len(messages))
+        at = layout.index(len(messages))
+        text = [p if isinstance(p, str) else contents[p] for p in layout]
+        return "".join(text[:at]), "".join(text[at:])
+
+    def _learn_markers(self) -> TemplateMarkers | None:
+        s = _SENTINEL.format
+        try:
+            full = _SENTINEL_RE.split(
+                self._render(
+                    [
+                        {"role": "user", "content": s(0)},
+                        {"role": "assistant", "content": s(1)},
+                        {"role": "user", "content": s(2)},
+                        {"role": "assistant", "content": s(3)},
+                    ]
+                )
+            )
+            one = [{"role": "user", "content": s(0)}]
+            gen, nogen = self._render(one, True), self._render(one, False)
+        except Exception as e:
+            log.debug("probe conversation failed: %s", e)
+            return None
+        if full[1::2] != ["0", "1", "2", "3"] or not gen.startswith(nogen):
+            return None
+        head, u_a, a_u, u_a2, tail = full[0::2]
+        open_a = gen[len(nogen) :]
+        if u_a != u_a2 or not open_a.strip() or not u_a.endswith(open_a) or not a_u.startswith(tail):
+            return None
+        open_u = a_u[len(tail) :]
+        if not open_u.strip() or not head.endswith(open_u):
+            return None
+        open_s = close_s = None
+        try:
+            sys_parts = _SENTINEL_RE.split(
+                self._render([{"role": "system", "content": s(0)}, {"role": "user", "content": s(1)}])
+            )
+            if sys_parts[1::2] == ["0", "1"] and sys_parts[2].endswith(open_u) and sys_parts[0].strip():
+                open_s, close_s = sys_parts[0].strip(), sys_parts[2][: -len(open_u)].strip()
+        except Exception as e:  # templates without system turns raise here
+            log.debug("the chat template has no system turn: %s", e)
+        return TemplateMarkers(
+            open_user=open_u.strip(),
+            open_assistant=open_a.strip(),
+            close_user=u_a[: -len(open_a)].strip(),
+            close_assistant=tail.strip(),
+            preamble=head[: -len(open_u)].strip(),
+            open_system=open_s,
+            close_system=close_s,
+        )
+
+    # -- tokenizing -------------------------------------------------------------------------------
+    def _piece_ids(self, text: str) -> list[int]:
+        ids = self._piece_cache.get(text)
+        if ids is None:
+            if len(self._piece_cache) > 4096:
+                self._piece_cache.clear()
+            ids = self._piece_cache[text] = self._encode_template(text)
+        return ids
+
+    def _content_ids(self, text: str) -> list[int]:
+        """Ids of one content, special-token strings as text.
+
+        A content longer than `max_length * 8` characters can never fit whole; it is tokenized over
+        its tail only (the first token of that window dropped, as it may be a split word) when that
+        window alone gives more than `max_length` tokens. Only its end is ever used then, and the
+        count still tells every truncation rule that it does not fit.
+        """
+        window = self.max_length * _WINDOW_CHARS_PER_TOKEN
+        if len(text) > window:
+            ids = self._encode_content(text[-window:])[1:]
+            if len(ids) > self.max_length:
+                return ids
+        return self._encode_content(text)
+
+    @staticmethod
+    def _contents(messages: Sequence[Message], param: str = "prompt") -> list[str]:
+        return [check_text(m["content"], f"{param}[{i}].content").strip() for i, m in enumerate(messages)]
+
+    # -- encoding ---------------------------------------------------------------------------------
+    def encode(
+        self,
+        prompt: Prompt,
+        response: str,
+        param: str = "response",
+        *,
+        prompt_param: str = "prompt",
+        truncation: Truncation | None = None,
+    ) -> Encoded:
+        """Token ids for one (prompt, answer), cut to `max_length` as the module docstring says.
+
+        `param` and `prompt_param` name the answer and the prompt in errors; `truncation` overrides the
+        formatter's default for this call.
+        """
+        answer = check_text(response, param).strip()
+        if isinstance(prompt, str):
+            check_text(prompt, prompt_param)
+            if self._is_templated(prompt):
+                messages = self._parse_prompt(_lstrip_any(prompt, self._pads), prompt_param)
+            else:
+                messages = normalize_prompt(prompt, prompt_param)
+        else:
+            messages = normalize_prompt(prompt, prompt_param)
+        return self._encode_messages(messages, answer, param, prompt_param, truncation or self.truncation)
+
+    def _encode_messages(
+        self, messages: list[Message], answer: str, param: str, prompt_param: str, truncation: Truncation
+    ) -> Encoded:
+        if truncation not in ("left", "error"):
+            raise FormattingError(f"truncation must be 'left' or 'error', got {truncation!r}", "truncation")
+        n = len(messages)
+        contents = [*self._contents(messages, prompt_param), answer]
+        if not self.has_template:
+            contents = [" " + c for c in contents]
+        ids = [self._content_ids(c) for c in contents]
+        roles = [(i, m["role"]) for i, m in enumerate(messages)]
+        layout = self._layout(roles, n)
+        total = self._length(layout, ids)
+        if total <= self.max_length:
+            return self._assemble(layout, ids, {}, n, False)
+        if truncation == "error":
+            partial = any(len(c) > self.max_length * _WINDOW_CHARS_PER_TOKEN for c in contents)
+            raise TooLongError(
+                f"{param} with its prompt is {'at least ' if partial else ''}{total:,} tokens; max_length is "
+                f"{self.max_length:,} and truncation='error' was asked (send a shorter prompt or answer, or "
+                "truncation='left' to drop the oldest turns and cut the answer's start)",
+                param,
+                total,
+                self.max_length,
+            )
+        # 1. Drop the oldest turns (a leading system message stays), whole user-led turns at a time.
+        first = 1 if messages[0]["role"] == "system" else 0
+        starts = [k for k in range(first + 1, n) if messages[k]["role"] == "user"]
+        lo, hi, best = 0, len(starts) - 1, None
+        while lo <= hi:  # the length falls as more turns are dropped: the fewest drops that fit
+            mid = (lo + hi) // 2
+            cand = self._layout(roles[:first] + roles[starts[mid] :], n)
+            if self._length(cand, ids) <= self.max_length:
+                best, hi = cand, mid - 1
+            else:
+                lo = mid + 1
+        if best is not None:
+            return self._assemble(best, ids, {}, n, True)
+        if starts:
+            layout = self._layout(roles[:first] + roles[starts[-1] :], n)
+        # 2. Cut contents from their start: the answer down to what leaves the question its share.
+        slots = [p for p in layout if isinstance(p, int)]
+        avail = self.max_length - sum(len(self._piece_ids(p)) for p in layout if isinstance(p, str))
+        if avail <= 0:  # the template's own text does not fit: keep the sequence's end
+            enc = self._assemble(layout, ids, {}, n, True)
+            return Encoded(enc.ids[-self.max_length :], 0, True)
+        users = [s for s in slots if s < n and messages[s]["role"] == "user"]
+        question = users[-1] if users else None
+        q_len = len(ids[question]) if question is not None else 0
+        keep = {n: min(len(ids[n]), max(0, avail - min(q_len, int(QUESTION_SHARE * self.max_length))))}
+        left = avail - keep[n]
+        for s in ([question] if question is not None else []) + [s for s in reversed(slots) if s not in (n, question)]:
+            keep[s] = min(len(ids[s]), left)
+            left -= keep[s]
+        return self._assemble(layout, ids, keep, n, True)
+
+    def _length(self, layout: Sequence[Piece], ids: Sequence[list[int]]) -> int:
+        return sum(len(self._piece_ids(p)) if isinstance(p, str) else len(ids[p]) for p in layout)
+
+    def _assemble(
+        self, layout: Sequence[Piece], ids: Sequence[list[int]], keep: Mapping[int, int], n: int, truncated: bool
+    ) -> Encoded:
+        out: list[int] = []
+        prompt_len = 0
+        for p in layout:
+            if isinstance(p, str):
+                out += self._piece_ids(p)
+                continue
+            if p == n:
+                prompt_len = len(out)
+            k = keep.get(p, len(ids[p]))
+            if k:
+                out += ids[p][len(ids[p]) - k :]
+        return Encoded(out, prompt_len, truncated)
+
+    # -- templated text -----------------------------------------------------------------------------
+    def _is_templated(self, text: str) -> bool:
+        m = self.markers
+        return m is not None and (m.open_user in text or m.open_assistant in text)
+
+    def _strip_text(self, text: str) -> str:
+        """Text without the pad/eos tokens and whitespace on either side (and the answer's own end-of-turn)."""
+        ends = list(self._pads)
+        if self.markers and self.markers.close_assistant:
+            ends.append(self.markers.close_assistant)
+        return _rstrip_any(_lstrip_any(text, self._pads), ends)
+
+    def _parse_prompt(self, text: str, param: str) -> list[Message]:
+        """Messages of a templated prompt (optionally ending with the assistant marker)."""
+        m = self.markers
+        assert m is not None
+        body = text.strip()
+        if body.endswith(m.open_assistant):
+            body = body[: -len(m.open_assistant)]
+        turns = list(
+            re.finditer("|".join(re.escape(x) for x in sorted({m.open_user, m.open_assistant}, key=len)[::-1]), body)
+        )
+        preamble = body[: turns[0].start()] if turns else body
+        messages: list[Message] = []
+        core = _lstrip_any(preamble, [*self._pads, self.tokenizer.bos_token or ""])
+        if core and core != _lstrip_any(m.preamble, [*self._pads, self.tokenizer.bos_token or ""]):
+            open_s = _lstrip_any(m.open_system or "", [*self._pads, self.tokenizer.bos_token or ""])
+            if not (m.open_system and open_s and core.startswith(open_s)):
+                raise FormattingError(
+                    f"{param} does not start like the chat template's conversations (found {preamble[:40]!r}); "
+                    "send a list of messages instead",
+                    param,
+                )
+            content = _rstrip_any(core[len(open_s) :], [m.close_system or ""])
+            messages.append({"role": "system", "content": content.strip()})
+        for i, t in enumerate(turns):
+            end = turns[i + 1].start() if i + 1 < len(turns) else len(body)
+            role = "user" if t.group() == m.open_user else "assistant"
+            close = m.close_user if role == "user" else m.close_assistant
+            messages.append({"role": role, "content": _rstrip_any(body[t.end() : end], [close]).strip()})
+        return normalize_prompt(messages, param)
+
+    def _split_text(self, text: str, prompt: str | None, param: str) -> tuple[list[Message], str] | None:
+        """(messages, answer) of templated or HH-transcript text; None for plain text."""
+        text = self._strip_text(text)
+        if prompt is not None and self.markers is not None:
+            p = _rstrip_any(_lstrip_any(check_text(prompt, "prompt"), self._pads), self._pads, whitespace=False)
+            if p.strip() and text.startswith(p):
+                return self._parse_prompt(p, param), text[len(p) :].strip()
+            log.debug("%s: the prompt given is not a prefix of the text; splitting at the last assistant marker", param)
+        if self.markers is not None and self.markers.open_assistant in text:
+            # The answer starts at the first assistant marker after the last user marker.
+            cut = text.find(self.markers.open_assistant, max(0, text.rfind(self.markers.open_user)))
+            if cut >= 0:
+                cut += len(self.markers.open_assistant)
+                return self._parse_prompt(text[:cut], param), text[cut:].strip()
+        if self.markers is None or not self._is_templated(text):
+            hh = text if text.startswith("\n\n") else "\n\n" + text
+            cut = hh.rfind(_HH_ASSISTANT)
+            if cut > 0 and "\n\nHuman:" in hh[:cut]:
+                try:
+                    messages = normalize_prompt(parse_hh_transcript(hh[:cut]), param)
+                except FormattingError:
+                    return None
+                return messages, hh[cut + len(_HH_ASSISTANT) :].strip()
+            return None
+        raise FormattingError(
+            f"{param} has the chat template's user marker but no assistant turn to score; "
+            "send the templated prompt followed by the answer",
+            param,
+        )
+
+    def parse_templated(self, text: str, prompt: str | None = None) -> tuple[list[Message], str]:
+        """(messages, answer) of already-templated text, such that `encode_text(text) == encode(messages, answer)`.
+
+        `prompt`, the templated prompt alone, fixes where the answer starts when it is a prefix of the
+        text (leading pads aside). Text with neither the template's markers nor HH turns raises.
+        """
+        check_text(text, "text")
+        split = self._split_text(text, prompt, "text")
+        if split is None:
+            raise FormattingError("text has neither the chat template's markers nor HH turns", "text")
+        return split
+
+    def encode_text(
+        self, text: str, param: str = "query", prompt: str | None = None, truncation: Truncation | None = None
+    ) -> Encoded:
+        """Already-templated text (a `/get_reward` query), through `parse_templated` and `encode`.
+
+        Plain text (neither template markers nor HH turns) is scored as its stripped content closed
+        by one end-of-turn token.
+        """
+        check_text(text, param)
+        if prompt is not None:
+            check_text(prompt, f"{param}.prompt")
+        split = self._split_text(text, prompt, param)
+        if split is not None:
+            messages, answer = split
+            return self._encode_messages(messages, answer.strip(), param, param, truncation or self.truncation)
+        content = self._strip_text(text).strip()
+        if not content:
+            raise FormattingError(f"{param} is empty after removing pad tokens and whitespace; give text", param)
+        eot = self._piece_ids(self.eot_token) if self.eot_token else []
+        ids = self._content_ids(content)
+        if len(ids) + len(eot) <= self.max_length:
+            return Encoded(ids + eot, 0, False)
+        if (truncation or self.truncation) == "error":
+            raise TooLongError(
+                f"{param} is at least {len(ids) + len(eot):,} tokens; max_length is {self.max_length:,} and "
+                "truncation='error' was asked",
+                param,
+                len(ids) + len(eot),
+                self.max_length,
+            )
+        return Encoded(ids[len(ids) + len(eot) - self.max_length :] + eot, 0, True)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -221,4 +584,58 @@ class Formatter:
             "max_length": self.max_length,
             "truncation": self.truncation,
             "end_of_turn": self.eot_token,
+            "question_share": QUESTION_SHARE,
         }
+
+
+def _lstrip_any(text: str, tokens: Sequence[str], whitespace: bool = True) -> str:
+    """`text` without any run of `tokens` (and whitespace) at its start."""
+    tokens = [t for t in tokens if t]
+    while True:
+        before = text
+        if whitespace:
+            text = text.lstrip()
+        for t in tokens:
+            while text.startswith(t):
+                text = text[len(t) :]
+        if text == before:
+            return text
+
+
+def _rstrip_any(text: str, tokens: Sequence[str], whitespace: bool = True) -> str:
+    """`text` without any run of `tokens` (and whitespace) at its end."""
+    tokens = [t for t in tokens if t]
+    while True:
+        before = text
+        if whitespace:
+            text = text.rstrip()
+        for t in tokens:
+            while text.endswith(t):
+                text = text[: -len(t)]
+        if text == before:
+            return text
+
+
+def _encoders(tokenizer: Any) -> tuple[Callable[[str], list[int]], Callable[[str], list[int]]]:
+    """(template text -> ids, content text -> ids): the second never matches special or added tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return (
+            lambda s: list(tokenizer(s, add_special_tokens=False)["input_ids"]),
+            lambda s: list(tokenizer(s, add_special_tokens=False, split_special_tokens=True)["input_ids"]),
+        )
+    from tokenizers import Tokenizer
+
+    spec = json.loads(backend.to_str())
+    template = Tokenizer.from_str(json.dumps(spec))
+    for added in spec.get("added_tokens") or []:
+        added["special"] = True  # added tokens that are not "special" would still be matched in content
+    content = Tokenizer.from_str(json.dumps(spec))
+    content.encode_special_tokens = True
+    for t in (template, content):
+        t.no_truncation()
+        t.no_padding()
+    return (
+        lambda s: template.encode(s, add_special_tokens=False).ids,
+        lambda s: content.encode(s, add_special_tokens=False).ids,
+    )
