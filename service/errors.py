@@ -89,3 +89,13 @@ def validation_error(errors: list[dict[str, Any]]) -> ServiceError:
     if len(errors) > 1:
         msg += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
     return _Validation(msg, status=422, param=param, code=kind)
+
+
+class HeadersTooLarge(ServiceError):
+    status = 431
+    type = "headers_too_large"
+
+
+class RequestTimeout(ServiceError):
+    status = 408
+    type = "request_timeout"
