@@ -57,7 +57,11 @@ def create_app(
             model_id=card["id"],
             normalization=cfg.normalization,
             limits=Limits(
-                settings.max_responses, settings.max_chars, settings.request_timeout_s, settings.retry_after_s
+                settings.max_responses,
+                settings.max_chars,
+                settings.request_timeout_s,
+                settings.retry_after_s,
+                admit_wait_fraction=settings.admit_wait_fraction,
             ),
             metrics=state.metrics,
             log_texts=settings.log_texts,
