@@ -23,6 +23,21 @@ from service.state import ServiceState
 log = logging.getLogger("rmserve.service")
 
 
+PROBE = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"}]
+
+
+def probe_formatter(formatter: Formatter, model_id: str) -> None:
+    """Render one conversation at start-up: a chat template that cannot render fails start-up here,
+    instead of every request failing behind a green /ready."""
+    try:
+        formatter.encode(PROBE, "Hello!", param="probe")
+    except Exception as e:
+        raise RuntimeError(
+            f"model {model_id!r}: its chat template cannot render a conversation ({type(e).__name__}: {e}); "
+            "fix chat_template in the model's tokenizer files"
+        ) from e
+
+
 def create_app(
     settings: Settings,
     *,
@@ -39,6 +54,8 @@ def create_app(
         if runtime_wrapper is not None:
             runtime = runtime_wrapper(runtime)
         await asyncio.to_thread(runtime.warmup)
+        formatter = Formatter(tokenizer, cfg.max_length, cfg.truncation)
+        await asyncio.to_thread(probe_formatter, formatter, card["id"])
         batcher = Batcher(
             runtime.score,
             max_batch_tokens=settings.max_batch_tokens,
@@ -52,12 +69,16 @@ def create_app(
         )
         batcher.start()
         state.engine = ScoringEngine(
-            Formatter(tokenizer, cfg.max_length, cfg.truncation),
+            formatter,
             batcher,
             model_id=card["id"],
             normalization=cfg.normalization,
             limits=Limits(
-                settings.max_responses, settings.max_chars, settings.request_timeout_s, settings.retry_after_s
+                settings.max_responses,
+                settings.max_chars,
+                settings.request_timeout_s,
+                settings.retry_after_s,
+                admit_wait_fraction=settings.admit_wait_fraction,
             ),
             metrics=state.metrics,
             log_texts=settings.log_texts,

@@ -21,7 +21,27 @@ log = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
-    """More sequences than `max_queued` would wait: refuse at once."""
+    """Refuse at once: more sequences than `max_queued` would wait, or the work queued ahead would not
+    finish within the request's deadline. `retry_after_s`: when the projection says it would fit."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Reservation:
+    """Admitted work not yet submitted (still being formatted): counted ahead of later arrivals until
+    `submit()` replaces it with the real token counts, or `release()` drops it."""
+
+    def __init__(self, batcher: Batcher, seqs: int, tokens: int) -> None:
+        self._batcher, self.seqs, self.tokens = batcher, seqs, tokens
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._batcher._reserved_seqs -= self.seqs
+            self._batcher._reserved_tokens -= self.tokens
 
 
 class BatchObserver(Protocol):
@@ -44,7 +64,9 @@ class Batcher:
     max_batch_tokens: padded cost budget per pass (longest sequence x count).
     max_batch_size: most sequences per pass.
     max_wait_s: how long to wait for more work when fewer than a full batch are queued.
-    max_queued: most sequences waiting; submit() beyond it raises QueueFull.
+    max_queued: most sequences waiting; submit() beyond it raises QueueFull (a hard cap).
+    rate_smoothing: weight of the newest forward pass in the measured throughput (tokens/s, an
+        exponential moving average) that `admit()` projects waits with.
     max_pad_ratio: cut a batch early rather than let its padded cost pass this ratio of its real tokens
         (None: only the budget counts).
     share_prefixes: the runtime computes a token prefix shared by sequences of one pass once (K
@@ -64,6 +86,7 @@ class Batcher:
         share_prefixes: bool = False,
         min_prefix: int = 16,
         max_pad_ratio: float | None = 1.3,
+        rate_smoothing: float = 0.2,
     ) -> None:
         self._run_batch = run_batch
         self.max_batch_tokens = max_batch_tokens
@@ -81,6 +104,52 @@ class Batcher:
         self._closing = False
         self.consecutive_failures = 0
         self.busy = False
+        # Admission by projected wait: tokens submitted and not yet answered (queued or in a pass),
+        # tokens reserved by admitted requests still formatting, and the measured tokens/s.
+        self.rate_smoothing = rate_smoothing
+        self.tokens_per_s: float | None = None
+        self._outstanding_tokens = 0
+        self._reserved_tokens = 0
+        self._reserved_seqs = 0
+
+    @property
+    def tokens_ahead(self) -> int:
+        """Tokens a request admitted now would wait behind (queued, in a pass, or reserved)."""
+        return self._outstanding_tokens + self._reserved_tokens
+
+    def projected_s(self, tokens: int) -> float | None:
+        """Seconds until `tokens` more would be scored, at the measured rate (None before any pass)."""
+        if not self.tokens_per_s:
+            return None
+        return (self.tokens_ahead + tokens) / self.tokens_per_s
+
+    def admit(self, seqs: int, tokens: int, budget_s: float) -> Reservation:
+        """Admit `seqs` sequences of about `tokens` tokens that must be scored within `budget_s`, or raise
+        QueueFull at once (before any formatting work) with the delay after which they would fit.
+
+        Nothing ahead (the worker idle) admits always: waiting would not make the request fit, and a
+        rate measured once too low must not lock every request out. Before the first pass has measured
+        a rate, work is admitted up to one pass's token budget."""
+        if self._closing:
+            raise QueueFull("the service is shutting down")
+        waiting = len(self._pending) + self._reserved_seqs
+        if waiting + seqs > self.max_queued:
+            raise QueueFull(f"{waiting} sequences are queued; the limit is {self.max_queued}")
+        projected = self.projected_s(tokens)
+        if not self.tokens_ahead:
+            pass
+        elif projected is None:
+            if self.tokens_ahead and self.tokens_ahead + tokens > self.max_batch_tokens:
+                raise QueueFull("the first forward pass has not measured the throughput yet", retry_after_s=1.0)
+        elif projected > budget_s:
+            raise QueueFull(
+                f"{self.tokens_ahead:,} tokens are ahead at {self.tokens_per_s:,.0f} tokens/s: this request would "
+                f"finish in about {projected:.1f} s, past its {budget_s:.1f} s budget",
+                retry_after_s=projected - budget_s,
+            )
+        self._reserved_seqs += seqs
+        self._reserved_tokens += tokens
+        return Reservation(self, seqs, tokens)
 
     @property
     def queued(self) -> int:
@@ -99,12 +168,15 @@ class Batcher:
             self._task = None
         self._executor.shutdown(wait=True)
 
-    async def submit(self, seqs: Sequence[Sequence[int]]) -> list[float]:
+    async def submit(self, seqs: Sequence[Sequence[int]], reservation: Reservation | None = None) -> list[float]:
         """Score sequences; raises QueueFull at once when admitting them would pass `max_queued`.
+        `reservation` (from `admit()`) is released: the real token counts replace it.
 
         If the caller is cancelled (client gone, deadline), its queued sequences are dropped before
         they are computed.
         """
+        if reservation is not None:
+            reservation.release()
         if not seqs:
             return []
         if self._closing:
@@ -114,6 +186,9 @@ class Batcher:
         loop = asyncio.get_running_loop()
         group = object()
         items = [_Item(s, loop.create_future(), group) for s in seqs]
+        for i in items:
+            self._outstanding_tokens += len(i.seq)
+            i.future.add_done_callback(self._make_done(len(i.seq)))
         self._pending.extend(items)
         if self._observer:
             self._observer.queue(len(self._pending))
@@ -124,6 +199,19 @@ class Batcher:
             for i in items:
                 if not i.future.done():
                     i.future.cancel()  # dropped from the queue by the worker before computing
+
+    def _make_done(self, tokens: int) -> Callable[[asyncio.Future[float]], None]:
+        def done(_: asyncio.Future[float]) -> None:  # answered, failed or dropped: no longer ahead
+            self._outstanding_tokens -= tokens
+
+        return done
+
+    def _measured(self, tokens: int, seconds: float) -> None:
+        if seconds <= 0 or tokens <= 0:
+            return
+        rate = tokens / seconds
+        a = self.rate_smoothing
+        self.tokens_per_s = rate if self.tokens_per_s is None else (1 - a) * self.tokens_per_s + a * rate
 
     # -- worker ---------------------------------------------------------------------------------
     def _take_window(self) -> list[_Item]:
@@ -203,6 +291,7 @@ class Batcher:
                 finally:
                     self.busy = False
                 self.consecutive_failures = 0
+                self._measured(sum(len(s) for s in seqs), time.perf_counter() - t0)
                 if self._observer:
                     longest = max(len(s) for s in seqs)
                     self._observer.batch(

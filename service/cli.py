@@ -91,7 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--host", default=None, help="bind address (default 127.0.0.1; 0.0.0.0 must be explicit)")
     s.add_argument("--port", type=int, default=None, help="port (default 8000)")
-    s.add_argument("--api-key", default=None, help="require this Bearer key on scoring routes")
+    s.add_argument(
+        "--api-key-file",
+        default=None,
+        help="require the Bearer key in this file on scoring routes (or RMSERVE_API_KEY_FILE / RMSERVE_API_KEY)",
+    )
+    s.add_argument(
+        "--api-key",
+        default=None,
+        help="deprecated: a key on the command line is visible to every user in `ps`; use --api-key-file",
+    )
     s.set_defaults(func=cmd_serve)
 
     from models.train import add_train_args

@@ -7,6 +7,7 @@ shape `{"error": {"message", "type", "param", "code"}}`.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -19,7 +20,15 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLarge, ServiceError, Unauthorized, validation_error
+from service.errors import (
+    DeadlineExceeded,
+    InferenceFailed,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServiceError,
+    Unauthorized,
+    validation_error,
+)
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -41,7 +50,8 @@ def check_bearer(headers: dict[bytes, bytes], key: str) -> bool:
 
 
 class EdgeMiddleware:
-    """Pure ASGI layer in front of the app: key before body, body limit, 5xx caught and counted, metrics."""
+    """Pure ASGI layer in front of the app: key before body, body limit and deadline, 5xx caught and
+    counted, metrics."""
 
     def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
         self.app = app
@@ -56,8 +66,16 @@ class EdgeMiddleware:
         path = scope.get("path", "")
         t0 = time.perf_counter()
         status = {"code": 500, "started": False}
+        body_error: list[ServiceError] = []  # set when the body passed its limit or its deadline
 
         async def send_wrapper(message: Message) -> None:
+            if body_error:  # the app's answer to a body it could not read is replaced by ours
+                if not status["started"]:
+                    await send_error(send_raw, body_error[0], {"Connection": "close"})
+                return
+            await send_raw(message)
+
+        async def send_raw(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"], status["started"] = message["status"], True
             await send(message)
@@ -66,26 +84,31 @@ class EdgeMiddleware:
         try:
             refusal = self._refuse_early(path, headers)
             if refusal is not None:
-                await send_error(send_wrapper, refusal, refusal_headers(refusal))
+                if refusal.status == 401:
+                    self.metrics.failures.labels("unauthorized").inc()
+                hdrs = refusal_headers(refusal)
+                if has_body(headers):  # its body stays unread: do not keep the connection for it
+                    hdrs["Connection"] = "close"
+                await send_error(send_raw, refusal, hdrs)
             else:
-                await self.app(scope, self._limited(receive), send_wrapper)
-        except _BodyTooLarge:
-            err = PayloadTooLarge(
-                f"the request body passed {self.settings.max_body_bytes:,} bytes (RMSERVE_MAX_BODY_BYTES)",
-                code="body_too_large",
-            )
-            if not status["started"]:
-                await send_error(send_wrapper, err)
+                await self.app(scope, self._limited(receive, body_error), send_wrapper)
         except Exception as exc:  # the one place an unexpected error becomes a counted 500
-            log.exception("unexpected error on %s", path)
-            self.metrics.failures.labels("internal").inc()
-            status["code"] = 500
-            if not status["started"]:
-                await send_error(send_wrapper, internal_error(exc))
+            if body_error:
+                if not status["started"]:
+                    await send_error(send_raw, body_error[0], {"Connection": "close"})
+            else:
+                log.exception("unexpected error on %s", path)
+                self.metrics.failures.labels("internal").inc()
+                status["code"] = 500
+                if not status["started"]:
+                    await send_error(send_raw, internal_error(exc))
         finally:
+            code = int(status["code"])
+            if body_error:
+                self.metrics.failures.labels(body_error[0].code or "body").inc()
             route = scope.get("route")
             label = getattr(route, "path", None) or (path if path in OPEN_ROUTES else "other")
-            self.metrics.requests.labels(label, str(status["code"])).inc()
+            self.metrics.requests.labels(label, str(code)).inc()
             self.metrics.latency.labels(label).observe(time.perf_counter() - t0)
 
     def _refuse_early(self, path: str, headers: dict[bytes, bytes]) -> ServiceError | None:
@@ -107,23 +130,58 @@ class EdgeMiddleware:
             )
         return None
 
-    def _limited(self, receive: Receive) -> Receive:
+    def _limited(self, receive: Receive, body_error: list[ServiceError]) -> Receive:
+        """`receive` with the body limit (chunked bodies too) and the body deadline: past either, the
+        error is recorded (the edge answers it: 413 or 408, then closes) and reading stops."""
         limit, seen = self.settings.max_body_bytes, 0
+        timeout = self.settings.body_timeout_s
+        deadline: float | None = None
+        body_done = False
 
         async def limited_receive() -> Message:
-            nonlocal seen
-            msg = await receive()
+            nonlocal seen, deadline, body_done
+            if body_done:  # after the body: disconnect polling, no deadline
+                return await receive()
+            loop = asyncio.get_running_loop()
+            if deadline is None:
+                deadline = loop.time() + timeout
+            try:
+                msg = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+            except asyncio.TimeoutError:
+                body_error.append(
+                    RequestTimeout(
+                        f"the request body did not arrive within {timeout:g} s (RMSERVE_BODY_TIMEOUT_S)",
+                        code="body_timeout",
+                    )
+                )
+                raise _BodyRefused() from None
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > limit:
-                    raise _BodyTooLarge()
+                    body_error.append(
+                        PayloadTooLarge(
+                            f"the request body passed {limit:,} bytes (RMSERVE_MAX_BODY_BYTES)", code="body_too_large"
+                        )
+                    )
+                    raise _BodyRefused()
+                body_done = not msg.get("more_body", False)
+            else:
+                body_done = True
             return msg
 
         return limited_receive
 
 
-class _BodyTooLarge(Exception):
+class _BodyRefused(Exception):
     pass
+
+
+def has_body(headers: dict[bytes, bytes]) -> bool:
+    return headers.get(b"content-length", b"0") not in (b"0", b"") or b"transfer-encoding" in headers
+
+
+# 5xx errors the engine counts in rmserve_failures_total itself (inference, non_finite, timeout).
+ENGINE_COUNTED = (InferenceFailed, DeadlineExceeded)
 
 
 def refusal_headers(err: ServiceError) -> dict[str, str]:
@@ -157,6 +215,8 @@ def install_edge(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        if exc.status >= 500 and not isinstance(exc, ENGINE_COUNTED):
+            metrics.failures.labels(exc.code or exc.type).inc()  # the engine counts its own by cause
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)

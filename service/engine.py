@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from models.formatting import Encoded, Formatter, FormattingError
-from service.batcher import Batcher, QueueFull
+from service.batcher import Batcher, QueueFull, Reservation
 from service.errors import DeadlineExceeded, InferenceFailed, InvalidRequest, Overloaded, PayloadTooLarge
 from service.metrics import Metrics
 from service.schemas import Job
@@ -23,6 +23,7 @@ class Limits:
     max_chars: int = 200_000  # characters per text
     request_timeout_s: float = 60.0
     retry_after_s: int = 1
+    admit_wait_fraction: float = 0.7  # admit only when the projected completion is within this of the deadline
 
 
 @dataclass(frozen=True)
@@ -54,22 +55,55 @@ class ScoringEngine:
         self.limits = limits
         self.metrics = metrics
         self.log_texts = log_texts
+        self.chars_per_token = 3.0  # learned from what was formatted; cheap cost estimates before formatting
 
     # -- one step from jobs to scores ------------------------------------------------------------
     async def score(self, jobs: Sequence[Job], count_param: str) -> Scored:
         """Check every limit, format off the event loop, score through the batcher, all within the
         request deadline. `count_param` names the list the jobs came from (for count errors)."""
         self.check_jobs(jobs, count_param)
+        reservation = self.admit(jobs)
         try:
-            return await asyncio.wait_for(self._encode_and_run(jobs), self.limits.request_timeout_s)
+            return await asyncio.wait_for(self._encode_and_run(jobs, reservation), self.limits.request_timeout_s)
         except asyncio.TimeoutError:
             self.metrics.failures.labels("timeout").inc()
             raise DeadlineExceeded(
                 f"the request did not finish within {self.limits.request_timeout_s:g} s (RMSERVE_REQUEST_TIMEOUT_S)"
             ) from None
+        finally:
+            reservation.release()
 
-    async def _encode_and_run(self, jobs: Sequence[Job]) -> Scored:
-        return await self.run(await asyncio.to_thread(self.encode, jobs))
+    async def _encode_and_run(self, jobs: Sequence[Job], reservation: Reservation | None = None) -> Scored:
+        encoded = await asyncio.to_thread(self.encode, jobs)
+        self._learn_chars_per_token(jobs, encoded)
+        return await self.run(encoded, reservation)
+
+    # -- admission by projected wait, before any formatting work ----------------------------------
+    def estimate_tokens(self, jobs: Sequence[Job]) -> int:
+        """A cheap token count (characters over the learned characters per token, at most max_length
+        per sequence) to decide admission before the full formatting work."""
+        cap = self.formatter.max_length
+        return sum(min(cap, 8 + math.ceil(_chars(job) / self.chars_per_token)) for job in jobs)
+
+    def admit(self, jobs: Sequence[Job]) -> Reservation:
+        """429 at once when the work ahead (at the measured tokens/s) would not let these jobs finish
+        within `admit_wait_fraction` of the deadline, or the queue is at RMSERVE_MAX_QUEUED."""
+        budget = self.limits.request_timeout_s * self.limits.admit_wait_fraction
+        try:
+            return self.batcher.admit(len(jobs), self.estimate_tokens(jobs), budget)
+        except QueueFull as e:
+            self.metrics.failures.labels("overloaded").inc()
+            wait = e.retry_after_s
+            raise Overloaded(
+                f"the service is at its admission limit: {e}; retry later",
+                retry_after=max(1, math.ceil(wait)) if wait is not None else self.limits.retry_after_s,
+            ) from None
+
+    def _learn_chars_per_token(self, jobs: Sequence[Job], encoded: Sequence[Encoded]) -> None:
+        pairs = [(_chars(j), len(e.ids)) for j, e in zip(jobs, encoded, strict=True) if not e.truncated]
+        chars, tokens = sum(c for c, _ in pairs), sum(t for _, t in pairs)
+        if chars and tokens:
+            self.chars_per_token = 0.8 * self.chars_per_token + 0.2 * max(1.0, chars / tokens)
 
     def check_jobs(self, jobs: Sequence[Job], count_param: str) -> None:
         """Every request limit, in one place: the count, and each text's length (each prompt once)."""
@@ -122,12 +156,12 @@ class ScoringEngine:
                 raise InvalidRequest(str(e), param=e.param or job.param) from None
         return out
 
-    async def run(self, encoded: Sequence[Encoded]) -> Scored:
+    async def run(self, encoded: Sequence[Encoded], reservation: Reservation | None = None) -> Scored:
         seqs = [e.ids for e in encoded]
         if self.log_texts:
             log.debug("scoring %d sequences: %s", len(seqs), [self.formatter.tokenizer.decode(s) for s in seqs])
         try:
-            scores = await self.batcher.submit(seqs)
+            scores = await self.batcher.submit(seqs, reservation)
         except QueueFull as e:
             self.metrics.failures.labels("overloaded").inc()
             raise Overloaded(
@@ -163,3 +197,14 @@ class ScoringEngine:
         n = self.normalization
         assert n is not None
         return [(s - n["mean"]) / n["std"] for s in scores]
+
+
+def _chars(job: Job) -> int:
+    """Characters of a job's prompt and answer (its cost before formatting)."""
+    if job.prompt is None:
+        prompt = 0
+    elif isinstance(job.prompt, str):
+        prompt = len(job.prompt)
+    else:
+        prompt = sum(len(m["content"]) for m in job.prompt)
+    return prompt + len(job.response)

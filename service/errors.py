@@ -82,6 +82,9 @@ def validation_error(errors: list[dict[str, Any]]) -> ServiceError:
         ctx: Any = first.get("ctx") or {}
         msg = f"the request body is not valid JSON: {ctx.get('error', first.get('msg'))}"
         return _Validation(msg, status=400, param=None, code="json_invalid")
+    if param is None and kind == "missing":
+        msg = "the request body is empty: send a JSON object (Content-Type: application/json)"
+        return _Validation(msg, status=422, param="body", code="body_missing")
     if param is None and kind in ("model_attributes_type", "dict_type"):
         msg = "the request body must be a JSON object (send Content-Type: application/json)"
         return _Validation(msg, status=422, param=None, code="body_not_object")
@@ -89,3 +92,13 @@ def validation_error(errors: list[dict[str, Any]]) -> ServiceError:
     if len(errors) > 1:
         msg += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
     return _Validation(msg, status=422, param=param, code=kind)
+
+
+class HeadersTooLarge(ServiceError):
+    status = 431
+    type = "headers_too_large"
+
+
+class RequestTimeout(ServiceError):
+    status = 408
+    type = "request_timeout"

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from service.settings import Settings
 
 log = logging.getLogger("rmserve.server")
 
@@ -20,10 +26,46 @@ def settings_from_args(args: argparse.Namespace) -> object:
             "host": args.host,
             "port": args.port,
             "api_key": args.api_key,
+            "api_key_file": getattr(args, "api_key_file", None),
         }.items()
         if v is not None
     }
+    if args.api_key is not None:
+        log.warning(
+            "--api-key puts the key on the command line, where every user of this machine sees it in `ps`; "
+            "use --api-key-file or RMSERVE_API_KEY_FILE (a mounted secret) instead"
+        )
     return Settings(**overrides)
+
+
+def uvicorn_config(app: Any, settings: Settings, **extra: Any) -> uvicorn.Config:
+    """uvicorn's options for the bounded edge: the connection cap (503 past it), the keep-alive timeout,
+    and the h11 protocol with the header cap and header deadline (service/protocol.py). The body limit
+    and body deadline are the ASGI edge's (service/edge.py)."""
+    import uvicorn
+
+    from service.protocol import bounded_h11
+
+    metrics = getattr(getattr(getattr(app, "state", None), "rm", None), "metrics", None)
+    protocol = bounded_h11(
+        settings.max_header_bytes,
+        settings.header_timeout_s,
+        on_refusal=(lambda cause: metrics.failures.labels(cause).inc()) if metrics is not None else None,
+    )
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "http": protocol,
+        "limit_concurrency": settings.max_connections,
+        "timeout_keep_alive": settings.keep_alive_timeout_s,
+        # h11's own cap on an incomplete event: a backstop behind the protocol's 431
+        "h11_max_incomplete_event_size": 2 * settings.max_header_bytes,
+        "timeout_graceful_shutdown": int(settings.request_timeout_s),
+        "access_log": False,
+        "log_level": "info",
+    }
+    options.update(extra)
+    return uvicorn.Config(app, **options)
 
 
 def _graceful_server_class() -> type:
@@ -55,8 +97,6 @@ def _graceful_server_class() -> type:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from service.app import create_app
     from service.runtimes import resolve_model_dir
     from service.settings import Settings
@@ -77,14 +117,6 @@ def serve(args: argparse.Namespace) -> int:
             "" if settings.api_key else " and RMSERVE_API_KEY is not set",
         )
     app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level="info",
-        timeout_graceful_shutdown=int(settings.request_timeout_s),
-        access_log=False,
-    )
-    server = _graceful_server_class()(config)
+    server = _graceful_server_class()(uvicorn_config(app, settings))
     server.run()
     return 0 if server.started else 1

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -28,6 +29,11 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 exposes the service and must be explicit")
     port: int = Field(8000, ge=1, le=65535)
     api_key: SecretStr | None = Field(None, description="when set, scoring routes need 'Authorization: Bearer KEY'")
+    api_key_file: Path | None = Field(
+        None,
+        description="read the API key from this file (stripped; the Docker/Kubernetes secrets convention), "
+        "so it stays out of the environment and `ps`",
+    )
     auth_open_routes: bool = Field(False, description="also require the key on /health, /ready and /metrics")
 
     max_batch_tokens: int = Field(4096, ge=64, description="padded tokens (longest x count) per forward pass")
@@ -41,7 +47,29 @@ class Settings(BaseSettings):
     max_chars: int = Field(200_000, ge=1, description="characters per text (prompt, message, response)")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="request body size; beyond it 413")
     request_timeout_s: float = Field(60.0, gt=0, description="per-request deadline; past it 504")
-    retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 429")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 429 at the hard queue cap")
+    admit_wait_fraction: float = Field(
+        0.7,
+        gt=0,
+        le=1,
+        description="admit a request only when its projected completion (tokens queued ahead of it plus its "
+        "own, over the measured tokens/s) lies within this fraction of its deadline; else 429 at once",
+    )
+
+    # The connection edge (uvicorn/h11 options and what they lack).
+    max_connections: int = Field(
+        128, ge=1, description="open connections (or requests in flight) at most; past it 503 at once"
+    )
+    max_header_bytes: int = Field(
+        16 * 1024, ge=1024, description="request line plus headers at most; past it 431 and the connection closed"
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a request's headers must arrive within this; else 408 (or close) and the connection"
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request's whole body must arrive within this once its headers did; else 408"
+    )
+    keep_alive_timeout_s: int = Field(5, ge=1, description="idle keep-alive connections close after this")
     unhealthy_after_failures: int = Field(3, ge=1, description="consecutive failed batches before /ready says 503")
     prefix_sharing: bool = Field(
         True, description="torch runtime: run a token prefix shared by sequences in a batch once (KV cache)"
@@ -54,3 +82,24 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, v: str | None) -> str | None:
         return v or None
+
+    @model_validator(mode="after")
+    def _api_key(self) -> Settings:
+        """One API key, never an empty one: an empty key would make `Authorization: Bearer ` pass."""
+        if self.api_key_file is not None:
+            if self.api_key is not None:
+                raise ValueError("give the API key once: RMSERVE_API_KEY or RMSERVE_API_KEY_FILE, not both")
+            try:
+                text = self.api_key_file.read_text(encoding="utf-8")
+            except OSError as e:
+                raise ValueError(f"RMSERVE_API_KEY_FILE: cannot read {self.api_key_file}: {e.strerror}") from None
+            if not text.strip():
+                raise ValueError(f"RMSERVE_API_KEY_FILE: {self.api_key_file} is empty; put the key in it")
+            self.api_key = SecretStr(text.strip())
+        elif self.api_key is not None and not self.api_key.get_secret_value().strip():
+            raise ValueError(
+                "RMSERVE_API_KEY is set but empty (or only whitespace): set a key, or unset it to serve without one"
+            )
+        elif self.api_key is not None:
+            self.api_key = SecretStr(self.api_key.get_secret_value().strip())
+        return self

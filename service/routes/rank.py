@@ -11,9 +11,8 @@ router = APIRouter(tags=["scoring"], responses=ERRORS)
 
 
 def softmax(xs: list[float], temperature: float) -> list[float]:
-    z = [x / temperature for x in xs]
-    m = max(z)
-    e = [math.exp(v - m) for v in z]
+    m = max(xs)
+    e = [math.exp((x - m) / temperature) for x in xs]  # shifted before dividing: no inf/inf at tiny temperatures
     s = sum(e)
     return [v / s for v in e]
 

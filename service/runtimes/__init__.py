@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from service.runtimes.base import Runtime
@@ -77,7 +77,7 @@ def load_runtime(settings: Settings, model_dir: Path) -> tuple[Runtime, Any, Any
         params = sum(p.numel() for p in model.parameters())
     card = {
         "id": settings.model_id or model_dir.name,
-        "backbone": cfg.backbone_info.get("source") or cfg.backbone,
+        "backbone": str(cfg.backbone_info.get("source") or cfg.backbone),
         "parameters": params,
         "max_length": cfg.max_length,
         "dtype": runtime.dtype,
@@ -85,4 +85,16 @@ def load_runtime(settings: Settings, model_dir: Path) -> tuple[Runtime, Any, Any
         "normalization": cfg.normalization,
         "training": {k: cfg.training.get(k) for k in ("steps", "dev", "train_pairs", "recipe") if k in cfg.training},
     }
-    return runtime, tokenizer, cfg, card
+    return runtime, tokenizer, cfg, {**without_paths(card), "id": card["id"]}  # the id is the operator's name
+
+
+def without_paths(value: Any) -> Any:
+    """`value` with every string that looks like a file path cut to its last part (a folder or file
+    name): what the service shows (`/v1/models`, metric labels) never reveals the server's folders."""
+    if isinstance(value, dict):
+        return {k: without_paths(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [without_paths(v) for v in value]
+    if isinstance(value, str) and ("/" in value or "\\" in value):
+        return PurePath(value.replace("\\", "/").rstrip("/")).name or value
+    return value

@@ -45,13 +45,16 @@ def free_port() -> int:
 
 @contextmanager
 def live_server(settings: Settings, runtime_wrapper: Any = None) -> Iterator[str]:
-    """A real uvicorn server on loopback in a thread; yields its base URL."""
+    """A real uvicorn server on loopback in a thread, with the service's own uvicorn options (the bounded
+    edge); yields its base URL."""
     import uvicorn
 
+    from service.server import uvicorn_config
+
     port = free_port()
-    settings.port = port
+    settings.port, settings.host = port, "127.0.0.1"
     app = create_app(settings, runtime_wrapper=runtime_wrapper)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, settings, log_level="warning"))
     th = threading.Thread(target=server.run, daemon=True)
     th.start()
     deadline = time.time() + 60

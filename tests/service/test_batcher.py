@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 
 import pytest
@@ -107,3 +108,62 @@ def test_shared_prefix_groups_stay_in_one_batch() -> None:
     seen.clear()
     asyncio.run(main(False))
     assert any(len({tuple(s[:30]) for s in batch}) > 1 for batch in seen)  # length batching mixes prompts
+
+
+def test_admission_by_projected_wait() -> None:
+    async def main() -> None:
+        def run(seqs: list[Sequence[int]]) -> list[float]:
+            time.sleep(0.05)
+            return [0.0] * len(seqs)
+
+        b = Batcher(run, max_batch_tokens=512, max_queued=100, max_wait_s=0)
+        # before any pass: the first request always, then up to one pass's token budget
+        first = b.admit(1, 400, budget_s=1.0)
+        with pytest.raises(QueueFull) as exc:
+            b.admit(1, 200, budget_s=1.0)
+        assert exc.value.retry_after_s == 1.0
+        b.start()
+        assert await b.submit([[1] * 400], first) == [0.0]  # the reservation gives way to the real tokens
+        assert b.tokens_ahead == 0
+        assert b.tokens_per_s is not None and 400 / 0.2 < b.tokens_per_s < 400 / 0.05  # one measured pass
+        b.tokens_per_s = 100.0  # 100 tokens/s: a 5 s budget holds 500 tokens
+        held = b.admit(2, 300, budget_s=5.0)
+        assert b.projected_s(200) == 5.0
+        with pytest.raises(QueueFull) as exc:
+            b.admit(1, 300, budget_s=5.0)  # (300 + 300) / 100 = 6 s > 5 s
+        assert exc.value.retry_after_s == pytest.approx(1.0)
+        held.release()
+        held.release()  # twice is once
+        assert b.tokens_ahead == 0
+        b.admit(1, 300, budget_s=5.0).release()
+        b.tokens_per_s = 1.0  # measured too low once: nothing ahead still admits (no lock-out)
+        idle = b.admit(1, 10_000, budget_s=1.0)
+        with pytest.raises(QueueFull):
+            b.admit(1, 1, budget_s=1.0)
+        idle.release()
+        with pytest.raises(QueueFull, match="the limit is 100"):  # the hard cap still holds
+            b.admit(101, 1, budget_s=1e9)
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_cancelled_and_failed_work_leaves_the_projection() -> None:
+    async def main() -> None:
+        def run(seqs: list[Sequence[int]]) -> list[float]:
+            raise ValueError("boom")
+
+        b = Batcher(run, max_wait_s=0)
+        t = asyncio.ensure_future(b.submit([[1] * 50, [2] * 30]))
+        await asyncio.sleep(0)
+        assert b.tokens_ahead == 80
+        t.cancel()
+        await asyncio.sleep(0)
+        assert b.tokens_ahead == 0
+        b.start()
+        with pytest.raises(ValueError):
+            await b.submit([[1] * 20])
+        assert b.tokens_ahead == 0
+        await b.close()
+
+    asyncio.run(main())

@@ -194,3 +194,44 @@ def test_client_that_disconnects_has_its_work_dropped(rm_dir: Path) -> None:
         after = httpx.post(url + "/v1/score", json={"prompt": "x", "responses": ["a"]}, timeout=30)
         assert after.status_code == 200
         assert 'rmserve_failures_total{cause="client_gone"} 1.0' in httpx.get(url + "/metrics").text
+
+
+class TokenTimedRuntime:
+    """Wraps a runtime: each pass takes `per_token` seconds per real token (a fixed throughput)."""
+
+    def __init__(self, inner: Runtime, per_token: float) -> None:
+        self.inner, self.per_token = inner, per_token
+        self.name, self.dtype = inner.name, inner.dtype
+
+    def score(self, seqs: Sequence[Sequence[int]]) -> list[float]:
+        time.sleep(self.per_token * sum(len(s) for s in seqs))
+        return self.inner.score(seqs)
+
+    def warmup(self) -> None:
+        self.inner.warmup()
+
+
+def test_overload_is_refused_by_projected_wait_never_504(rm_dir: Path) -> None:
+    """A fixed 200 tokens/s and a 1.5 s deadline: a burst of 24 requests is more than fits; the excess
+    gets 429 at once with a Retry-After from the projection, and nothing reaches its deadline."""
+    settings = Settings(model=str(rm_dir), request_timeout_s=1.5, max_wait_ms=0)
+    with live_server(settings, runtime_wrapper=lambda rt: TokenTimedRuntime(rt, 0.005)) as url:
+        body = {"prompt": "How do I bake bread at home?", "responses": ["Knead the dough and bake it for an hour."]}
+        assert httpx.post(url + "/v1/score", json=body).status_code == 200  # one pass measures the rate
+
+        async def one(c: httpx.AsyncClient) -> tuple[int, float, str | None]:
+            t = time.perf_counter()
+            r = await c.post("/v1/score", json=body)
+            return r.status_code, time.perf_counter() - t, r.headers.get("retry-after")
+
+        async def main() -> list[tuple[int, float, str | None]]:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+                return list(await asyncio.gather(*(one(c) for _ in range(24))))
+
+        out = asyncio.run(main())
+        metrics = httpx.get(url + "/metrics").text
+    codes = [c for c, _, _ in out]
+    assert 504 not in codes and set(codes) == {200, 429}, codes
+    refused = [(t, ra) for c, t, ra in out if c == 429]
+    assert all(t < 0.5 and ra is not None and int(ra) >= 1 for t, ra in refused), refused
+    assert f'rmserve_failures_total{{cause="overloaded"}} {float(len(refused))}' in metrics
