@@ -56,29 +56,57 @@ class ScoringEngine:
         self.log_texts = log_texts
 
     # -- one step from jobs to scores ------------------------------------------------------------
-    async def score(self, jobs: Sequence[Job], count_param: str) -> Scored:
+    async def score(
+        self,
+        jobs: Sequence[Job],
+        count_param: str,
+        *,
+        max_count: tuple[int, str] | None = None,
+        timeout_s: float | None = None,
+        slice_size: int | None = None,
+    ) -> Scored:
         """Check every limit, format off the event loop, score through the batcher, all within the
-        request deadline. `count_param` names the list the jobs came from (for count errors)."""
-        self.check_jobs(jobs, count_param)
+        request deadline. `count_param` names the list the jobs came from (for count errors).
+        `max_count` (limit, its setting's name) replaces limits.max_responses, `timeout_s` the deadline;
+        with `slice_size`, the jobs go to the batcher in slices, at most two in flight, so other
+        requests' work interleaves with a large batch."""
+        self.check_jobs(jobs, count_param, max_count)
+        timeout = timeout_s if timeout_s is not None else self.limits.request_timeout_s
         try:
-            return await asyncio.wait_for(self._encode_and_run(jobs), self.limits.request_timeout_s)
+            return await asyncio.wait_for(self._encode_and_run(jobs, slice_size), timeout)
         except asyncio.TimeoutError:
             self.metrics.failures.labels("timeout").inc()
             raise DeadlineExceeded(
-                f"the request did not finish within {self.limits.request_timeout_s:g} s (RMSERVE_REQUEST_TIMEOUT_S)"
+                f"the request did not finish within {timeout:g} s (RMSERVE_REQUEST_TIMEOUT_S)"
             ) from None
 
-    async def _encode_and_run(self, jobs: Sequence[Job]) -> Scored:
-        return await self.run(await asyncio.to_thread(self.encode, jobs))
+    async def _encode_and_run(self, jobs: Sequence[Job], slice_size: int | None = None) -> Scored:
+        if not slice_size or len(jobs) <= slice_size:
+            return await self.run(await asyncio.to_thread(self.encode, jobs))
+        in_flight = asyncio.Semaphore(2)
 
-    def check_jobs(self, jobs: Sequence[Job], count_param: str) -> None:
+        async def one(part: Sequence[Job]) -> Scored:
+            async with in_flight:
+                return await self.run(await asyncio.to_thread(self.encode, part))
+
+        tasks = [asyncio.ensure_future(one(jobs[i : i + slice_size])) for i in range(0, len(jobs), slice_size)]
+        try:
+            parts = await asyncio.gather(*tasks)
+        finally:  # one slice failed or the caller went away: the others' queued work is dropped
+            for t in tasks:
+                t.cancel()
+        return Scored(
+            [s for p in parts for s in p.scores], [t for p in parts for t in p.truncated], sum(p.tokens for p in parts)
+        )
+
+    def check_jobs(self, jobs: Sequence[Job], count_param: str, max_count: tuple[int, str] | None = None) -> None:
         """Every request limit, in one place: the count, and each text's length (each prompt once)."""
         if not jobs:
             raise InvalidRequest(f"'{count_param}' is empty; give at least one", param=count_param)
-        if len(jobs) > self.limits.max_responses:
+        limit, setting = max_count or (self.limits.max_responses, "RMSERVE_MAX_RESPONSES")
+        if len(jobs) > limit:
             raise PayloadTooLarge(
-                f"'{count_param}' has {len(jobs)} entries; at most {self.limits.max_responses} are allowed per "
-                "request (RMSERVE_MAX_RESPONSES)",
+                f"'{count_param}' has {len(jobs)} entries; at most {limit} are allowed per request ({setting})",
                 param=count_param,
                 code="too_many_responses",
             )

@@ -54,3 +54,10 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, v: str | None) -> str | None:
         return v or None
+
+    max_reward_queries: int = Field(
+        4096,
+        ge=1,
+        description="queries per /get_reward call (OpenRLHF sends whole rollout batches); the deadline grows "
+        "with the batch: request_timeout_s per started block of max_responses queries",
+    )
