@@ -16,6 +16,12 @@ def reward_deadline(n: int, request_timeout_s: float, max_responses: int) -> flo
     return request_timeout_s * max(1, math.ceil(n / max_responses))
 
 
+def reward_slice(max_batch_size: int, max_queued: int) -> int:
+    """Queries per slice fed to the batcher: a few passes' worth, and two slices (the most in flight)
+    well under the queue limit, so a whole rollout batch never trips the 429 that guards the queue."""
+    return max(1, min(4 * max_batch_size, max_queued // 4))
+
+
 @router.post("/get_reward", response_model=RewardResponse)
 async def get_reward(req: RewardRequest, engine: EngineDep, state: StateDep, request: Request) -> RewardResponse:
     """OpenRLHF's remote reward model protocol: each `query` is full prompt+response text, already
@@ -30,7 +36,7 @@ async def get_reward(req: RewardRequest, engine: EngineDep, state: StateDep, req
         count_param,
         max_count=(state.settings.max_reward_queries, "RMSERVE_MAX_REWARD_QUERIES"),
         timeout_s=reward_deadline(len(jobs), limits.request_timeout_s, limits.max_responses),
-        slice_size=4 * engine.batcher.max_batch_size,
+        slice_size=reward_slice(engine.batcher.max_batch_size, engine.batcher.max_queued),
     )
     scored = await until_disconnected(request, scoring)
     return RewardResponse(rewards=scored.scores, scores=scored.scores, extra_logs={})
