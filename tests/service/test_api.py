@@ -136,7 +136,11 @@ ERROR_CASES = [
     ({"prompt": [], "responses": ["a"]}, 422, "prompt"),
     ({"prompt": [{"role": "robot", "content": "x"}], "responses": ["a"]}, 422, "prompt.0.role"),
     ({"prompt": [{"role": "user", "content": 5}], "responses": ["a"]}, 422, "prompt.0.content"),
-    ({"prompt": [{"role": "user", "content": [{"type": "image_url"}]}], "responses": ["a"]}, 422, "prompt.0.content.0.type"),
+    (
+        {"prompt": [{"role": "user", "content": [{"type": "image_url"}]}], "responses": ["a"]},
+        422,
+        "prompt.0.content.0.type",
+    ),
     ({"prompt": PROMPT, "responses": ["a"], "items": []}, 422, None),
     ({"prompt": PROMPT, "responses": ["a"], "normalize": "maybe"}, 422, "normalize"),
     ({"prompt": PROMPT, "responses": ["a"], "extra": 1}, 422, "extra"),
