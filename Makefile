@@ -4,6 +4,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# torch is installed first, as a CPU build: PyPI's Linux torch wheel is the CUDA build (several GB of
+# nvidia-* wheels). TORCH_INDEX (PyTorch's CPU wheel index) is offered *next to* the indexes pip already
+# uses (--extra-index-url), so a machine with its own wheels or mirror still resolves from them; pip
+# prefers 2.13.0+cpu over PyPI's 2.13.0 (a local version sorts higher). An unreachable TORCH_INDEX costs a
+# few seconds of warnings, not a failure. TORCH_INDEX= (empty) leaves pip's configuration alone;
+# e.g. TORCH_INDEX=https://download.pytorch.org/whl/cu128 for a CUDA 12.8 build.
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # Where the fetched backbone and assembled default model live (outside the repo, reused between runs).
 export RMSERVE_HOME ?= $(HOME)/.cache/rmserve
 
@@ -15,8 +23,9 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# CPU build of torch first, pinned: an unpinned torch pulls a multi-GB CUDA build.
-	$(BIN)/python -m pip install --quiet torch==2.13.0
+	# CPU build of torch first, pinned (see TORCH_INDEX above); the project's torch>=2.4 is then satisfied.
+	$(BIN)/python -m pip install --quiet --retries 2 --timeout 30 "torch==$(TORCH_VERSION)" \
+		$(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 

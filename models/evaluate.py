@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from models.batching import length_batches
 from models.data import FORMATS, RankedExample, read_file
@@ -48,15 +49,20 @@ def score_sequences(
     *,
     batch_tokens: int = 16384,
     autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
 ) -> list[float]:
-    """Rewards for token id lists in input order (length-sorted batches under a token budget)."""
+    """Rewards for token id lists in input order (length-sorted batches under a token budget); with
+    `progress`, a tqdm bar counts the sequences scored."""
     out = [0.0] * len(seqs)
+    bar = tqdm(total=len(seqs), desc="scoring", unit="seq", disable=not progress, dynamic_ncols=True)
     for idx in length_batches([len(s) for s in seqs], batch_tokens):
         ids, mask = collate([seqs[i] for i in idx], pad_id, "right", model.device)
         with torch.autocast(model.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             rewards = model(ids, mask).float().tolist()
         for i, r in zip(idx, rewards, strict=True):
             out[i] = r
+        bar.update(len(idx))
+    bar.close()
     return out
 
 
@@ -67,9 +73,12 @@ def score_encoded(
     *,
     batch_tokens: int = 16384,
     autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
 ) -> list[list[float]]:
     flat = [s for e in encoded for s in e.seqs]
-    flat_scores = score_sequences(model, flat, pad_id, batch_tokens=batch_tokens, autocast_dtype=autocast_dtype)
+    flat_scores = score_sequences(
+        model, flat, pad_id, batch_tokens=batch_tokens, autocast_dtype=autocast_dtype, progress=progress
+    )
     out, k = [], 0
     for e in encoded:
         out.append(flat_scores[k : k + len(e.seqs)])
@@ -146,12 +155,39 @@ def evaluate_examples(
     *,
     batch_tokens: int = 16384,
     autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
 ) -> tuple[dict[str, Any], list[list[float]]]:
     encoded = encode_examples(model.formatter(tokenizer), examples)
     scores = score_encoded(
-        model, encoded, tokenizer.pad_token_id, batch_tokens=batch_tokens, autocast_dtype=autocast_dtype
+        model,
+        encoded,
+        tokenizer.pad_token_id,
+        batch_tokens=batch_tokens,
+        autocast_dtype=autocast_dtype,
+        progress=progress,
     )
     return metrics_from_scores(examples, scores), scores
+
+
+def example_pairs(ex: RankedExample) -> int:
+    """The pairs an example counts for in the metrics (identical sides: one tie)."""
+    pairs = len(ex.pairs())
+    return 1 if not pairs and len(set(ex.responses)) == 1 else pairs
+
+
+def bound_pairs(examples: Sequence[RankedExample], max_pairs: int | None) -> list[RankedExample]:
+    """The leading examples whose pairs fit in `max_pairs` (None: all); at least one example."""
+    if max_pairs is None:
+        return list(examples)
+    out: list[RankedExample] = []
+    total = 0
+    for ex in examples:
+        n = example_pairs(ex)
+        if out and total + n > max_pairs:
+            break
+        out.append(ex)
+        total += n
+    return out
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -165,6 +201,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="inference dtype")
     p.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per forward pass")
     p.add_argument("--skip-bad", action="store_true", help="skip and count malformed lines")
+    p.add_argument(
+        "--max-pairs", type=int, default=None, help="score at most this many pairs in all (the leading examples)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (stderr)")
     p.add_argument("--plots", default=None, help="write PNG plots to this folder")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line of stdout")
 
@@ -179,13 +219,24 @@ def main(args: argparse.Namespace) -> int:
     pairs_all = 0
     all_examples: list[RankedExample] = []
     all_scores: list[list[float]] = []
+    max_pairs: int | None = getattr(args, "max_pairs", None)
+    if max_pairs is not None and max_pairs < 1:
+        raise SystemExit(f"--max-pairs must be at least 1, got {max_pairs}")
+    args.no_progress = getattr(args, "no_progress", False)
     for path in args.data:
         examples, _stats = read_file(path, args.format, skip_bad=args.skip_bad, drop_identical=False)
         if args.dev_only:
             frac = args.dev_fraction if args.dev_fraction is not None else training.get("dev_fraction", 0.05)
             seed = args.seed if args.seed is not None else training.get("seed", 0)
             _, examples = split_dev(examples, frac, seed)
-        metrics, scores = evaluate_examples(model, tok, examples, batch_tokens=args.batch_tokens)
+        if max_pairs is not None:
+            examples = bound_pairs(examples, max_pairs - pairs_all) if max_pairs > pairs_all else []
+            if not examples:
+                log.info("%s: skipped, --max-pairs %d reached", Path(path).name, max_pairs)
+                continue
+        metrics, scores = evaluate_examples(
+            model, tok, examples, batch_tokens=args.batch_tokens, progress=not args.no_progress
+        )
         result["files"][Path(path).name] = metrics
         if metrics["pairs"]:
             hits_all += metrics["accuracy"] * metrics["pairs"]

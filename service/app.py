@@ -14,7 +14,7 @@ from service.batcher import Batcher
 from service.edge import install_edge
 from service.engine import Limits, ScoringEngine
 from service.metrics import Metrics
-from service.routes import health, openrlhf, rank, rerank, score
+from service.routes import docs, health, openrlhf, rank, rerank, score, tei
 from service.runtimes import load_runtime, resolve_model_dir
 from service.runtimes.base import Runtime
 from service.settings import Settings
@@ -96,11 +96,14 @@ def create_app(
     app = FastAPI(
         title="rmserve",
         version="0.1.0",
-        description="Reward-model scoring: score, rank, rerank, and the OpenRLHF reward oracle.",
+        description="Reward-model scoring: score, rank, rerank (Cohere, Jina, vLLM and TEI dialects), and the "
+        "OpenRLHF reward oracle.",
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc come from routes/docs.py, served without a CDN
+        redoc_url=None,
     )
     app.state.rm = state
-    for module in (health, score, rank, rerank, openrlhf):
+    for module in (health, score, rank, rerank, tei, openrlhf, docs):
         app.include_router(module.router)
     install_edge(app, settings, state.metrics)
     return app

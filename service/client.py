@@ -11,6 +11,8 @@ Every method returns plain Python values. 429 and 503 answers are retried with b
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import random
 import time
 from collections.abc import Mapping, Sequence
@@ -288,12 +290,69 @@ class AsyncRewardClient(_Base):
     async def get_reward(self, queries: Sequence[str]) -> list[float]:
         return [float(x) for x in (await self._request("POST", "/get_reward", {"query": list(queries)}))["rewards"]]
 
+    async def models(self) -> list[dict[str, Any]]:
+        return list((await self._request("GET", "/v1/models"))["data"])
+
+    async def ready(self) -> bool:
+        try:
+            return (await self._http.get("/ready")).status_code == 200
+        except httpx.TransportError:
+            return False
+
+
+def content_text(content: Any) -> str:
+    """A message's content as text: a string as is, None or missing as "", a list of parts as its text
+    parts joined (image and other parts are left out)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Sequence):
+        return "".join(
+            str(p.get("text", "")) if isinstance(p, Mapping) else str(p)
+            for p in content
+            if not isinstance(p, Mapping) or p.get("type", "text") == "text"
+        )
+    return str(content)
+
+
+def render_tool_calls(tool_calls: Sequence[Mapping[str, Any]] | None) -> str:
+    """Tool calls as text, the Hermes/Qwen convention: one `<tool_call>{"name": ..., "arguments": ...}
+    </tool_call>` block per call, JSON arguments parsed when they come as a string."""
+    blocks = []
+    for call in tool_calls or ():
+        fn = call.get("function", call)
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            with contextlib.suppress(ValueError):
+                args = json.loads(args)
+        body = json.dumps({"name": fn.get("name"), "arguments": args}, ensure_ascii=False)
+        blocks.append(f"<tool_call>\n{body}\n</tool_call>")
+    return "\n".join(blocks)
+
+
+def message_text(m: Mapping[str, Any]) -> str:
+    """An assistant message's text then its rendered tool calls; a tool message's content wrapped in
+    `<tool_response>` tags (so a completion's tool results stay in the scored text)."""
+    text = content_text(m.get("content"))
+    if m.get("role") == "tool":
+        return f"<tool_response>\n{text}\n</tool_response>"
+    calls = render_tool_calls(m.get("tool_calls"))
+    return "\n".join(t for t in (text, calls) if t)
+
 
 class RewardFunction:
     """A reward function for TRL's GRPO/RLOO trainers: `reward_funcs=[RewardFunction(url)]`.
 
     Called as TRL calls it, `(prompts, completions, **kwargs) -> list[float]`, with plain strings or
     conversational message lists; scores go to the server in batches of `batch_size` items.
+
+    What is scored for a conversational completion: its assistant and tool messages in order, joined by
+    newlines; an assistant message is its text (list-of-parts content: the text parts joined; None or
+    missing content: "") followed by its tool calls rendered as `<tool_call>{"name", "arguments"}</tool_call>`;
+    a tool message is its content inside `<tool_response>` tags. Prompt messages keep their role (the
+    server accepts `tool` where the model's chat template has that role) with content as text; a prompt
+    assistant message with tool calls carries them rendered the same way.
     """
 
     def __init__(
@@ -308,12 +367,20 @@ class RewardFunction:
     def _completion_text(c: Any) -> str:
         if isinstance(c, str):
             return c
-        # Conversational: a list of messages; the assistant's reply is their content.
-        return "".join(m["content"] for m in c if m.get("role", "assistant") == "assistant")
+        if isinstance(c, Mapping):  # one message instead of a list
+            c = [c]
+        return "\n".join(
+            t for m in c if m.get("role", "assistant") in ("assistant", "tool") for t in [message_text(m)] if t
+        )
 
     @staticmethod
     def _prompt(p: Any) -> Prompt:
-        return p if isinstance(p, str) else [{"role": m["role"], "content": m["content"]} for m in p]
+        if isinstance(p, str):
+            return p
+        return [
+            {"role": m["role"], "content": message_text(m) if m["role"] != "tool" else content_text(m.get("content"))}
+            for m in p
+        ]
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
         if len(prompts) != len(completions):

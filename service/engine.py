@@ -58,22 +58,55 @@ class ScoringEngine:
         self.chars_per_token = 3.0  # learned from what was formatted; cheap cost estimates before formatting
 
     # -- one step from jobs to scores ------------------------------------------------------------
-    async def score(self, jobs: Sequence[Job], count_param: str) -> Scored:
+    async def score(
+        self,
+        jobs: Sequence[Job],
+        count_param: str,
+        *,
+        max_count: tuple[int, str] | None = None,
+        timeout_s: float | None = None,
+        slice_size: int | None = None,
+    ) -> Scored:
         """Check every limit, format off the event loop, score through the batcher, all within the
-        request deadline. `count_param` names the list the jobs came from (for count errors)."""
-        self.check_jobs(jobs, count_param)
-        reservation = self.admit(jobs)
+        request deadline. `count_param` names the list the jobs came from (for count errors).
+        `max_count` (limit, its setting's name) replaces limits.max_responses, `timeout_s` the deadline;
+        with `slice_size`, the jobs go to the batcher in slices, at most two in flight, so other
+        requests' work interleaves with a large batch. Admission (429) is decided before formatting."""
+        self.check_jobs(jobs, count_param, max_count)
+        timeout = timeout_s if timeout_s is not None else self.limits.request_timeout_s
+        reservation = self.admit(jobs, timeout, slice_size)
         try:
-            return await asyncio.wait_for(self._encode_and_run(jobs, reservation), self.limits.request_timeout_s)
+            return await asyncio.wait_for(self._encode_and_run(jobs, reservation, slice_size), timeout)
         except asyncio.TimeoutError:
             self.metrics.failures.labels("timeout").inc()
             raise DeadlineExceeded(
-                f"the request did not finish within {self.limits.request_timeout_s:g} s (RMSERVE_REQUEST_TIMEOUT_S)"
+                f"the request did not finish within {timeout:g} s (RMSERVE_REQUEST_TIMEOUT_S)"
             ) from None
         finally:
             reservation.release()
 
-    async def _encode_and_run(self, jobs: Sequence[Job], reservation: Reservation | None = None) -> Scored:
+    async def _encode_and_run(
+        self, jobs: Sequence[Job], reservation: Reservation | None, slice_size: int | None = None
+    ) -> Scored:
+        if not slice_size or len(jobs) <= slice_size:
+            return await self._encode_and_submit(jobs, reservation)
+        in_flight = asyncio.Semaphore(2)
+
+        async def one(part: Sequence[Job]) -> Scored:
+            async with in_flight:  # the first slice's submit hands the reservation over to the queue
+                return await self._encode_and_submit(part, reservation)
+
+        tasks = [asyncio.ensure_future(one(jobs[i : i + slice_size])) for i in range(0, len(jobs), slice_size)]
+        try:
+            parts = await asyncio.gather(*tasks)
+        finally:  # one slice failed or the caller went away: the others' queued work is dropped
+            for t in tasks:
+                t.cancel()
+        return Scored(
+            [s for p in parts for s in p.scores], [t for p in parts for t in p.truncated], sum(p.tokens for p in parts)
+        )
+
+    async def _encode_and_submit(self, jobs: Sequence[Job], reservation: Reservation | None) -> Scored:
         encoded = await asyncio.to_thread(self.encode, jobs)
         self._learn_chars_per_token(jobs, encoded)
         return await self.run(encoded, reservation)
@@ -85,12 +118,15 @@ class ScoringEngine:
         cap = self.formatter.max_length
         return sum(min(cap, 8 + math.ceil(_chars(job) / self.chars_per_token)) for job in jobs)
 
-    def admit(self, jobs: Sequence[Job]) -> Reservation:
+    def admit(self, jobs: Sequence[Job], timeout_s: float | None = None, slice_size: int | None = None) -> Reservation:
         """429 at once when the work ahead (at the measured tokens/s) would not let these jobs finish
-        within `admit_wait_fraction` of the deadline, or the queue is at RMSERVE_MAX_QUEUED."""
-        budget = self.limits.request_timeout_s * self.limits.admit_wait_fraction
+        within `admit_wait_fraction` of the deadline, or the queue is at RMSERVE_MAX_QUEUED (jobs sent
+        in slices hold at most one slice's place in the queue at admission)."""
+        deadline = timeout_s if timeout_s is not None else self.limits.request_timeout_s
+        budget = deadline * self.limits.admit_wait_fraction
+        seqs = min(len(jobs), slice_size) if slice_size else len(jobs)
         try:
-            return self.batcher.admit(len(jobs), self.estimate_tokens(jobs), budget)
+            return self.batcher.admit(seqs, self.estimate_tokens(jobs), budget)
         except QueueFull as e:
             self.metrics.failures.labels("overloaded").inc()
             wait = e.retry_after_s
@@ -105,14 +141,14 @@ class ScoringEngine:
         if chars and tokens:
             self.chars_per_token = 0.8 * self.chars_per_token + 0.2 * max(1.0, chars / tokens)
 
-    def check_jobs(self, jobs: Sequence[Job], count_param: str) -> None:
+    def check_jobs(self, jobs: Sequence[Job], count_param: str, max_count: tuple[int, str] | None = None) -> None:
         """Every request limit, in one place: the count, and each text's length (each prompt once)."""
         if not jobs:
             raise InvalidRequest(f"'{count_param}' is empty; give at least one", param=count_param)
-        if len(jobs) > self.limits.max_responses:
+        limit, setting = max_count or (self.limits.max_responses, "RMSERVE_MAX_RESPONSES")
+        if len(jobs) > limit:
             raise PayloadTooLarge(
-                f"'{count_param}' has {len(jobs)} entries; at most {self.limits.max_responses} are allowed per "
-                "request (RMSERVE_MAX_RESPONSES)",
+                f"'{count_param}' has {len(jobs)} entries; at most {limit} are allowed per request ({setting})",
                 param=count_param,
                 code="too_many_responses",
             )

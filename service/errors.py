@@ -67,7 +67,18 @@ class _Validation(ServiceError):
 
 
 # pydantic's names for union branches, dropped from error locations ('str', 'list[Message]', ...).
-_BRANCH_NAMES = ("str", "list[Message]", "RerankDocument")
+_BRANCH_NAMES = (
+    "str",
+    "list[Message]",
+    "list[TextPart]",
+    "list[str]",
+    "list[list[str]]",
+    "RerankDocument",
+    "RerankRequest",
+    "TEIRerankRequest",
+    "ScoreRequest",
+    "VLLMScoreRequest",
+)
 
 
 def validation_error(errors: list[dict[str, Any]]) -> ServiceError:

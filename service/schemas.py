@@ -3,15 +3,38 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+
+MODEL_FIELD = Field(None, description="accepted from clients that always send it; answers name the served model")
+
+
+class TextPart(BaseModel):
+    """One part of list-of-parts (multimodal) content; only text parts can be scored."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"]
+    text: str
 
 
 class Message(BaseModel):
+    """A chat message. `content` may be a string, a list of text parts (joined without a separator) or
+    missing/null (an empty string). The `tool` role is accepted where the model's chat template has one
+    (else a 422 names the message)."""
+
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
 
 
 Prompt = str | list[Message]
@@ -30,7 +53,8 @@ class Job:
 
 
 def prompt_value(prompt: Prompt) -> str | list[dict[str, str]]:
-    return prompt if isinstance(prompt, str) else [m.model_dump() for m in prompt]
+    """A prompt as the formatter takes it: a string, or messages whose content is plain text."""
+    return prompt if isinstance(prompt, str) else [{"role": m.role, "content": m.text()} for m in prompt]
 
 
 class ScoreItem(BaseModel):
@@ -48,6 +72,7 @@ class ScoreRequest(BaseModel):
             "examples": [{"prompt": "How do I boil an egg?", "responses": ["Boil it 8 minutes.", "No idea."]}]
         },
     )
+    model: str | None = MODEL_FIELD
     prompt: Prompt | None = None
     responses: list[str] | None = None
     items: list[ScoreItem] | None = None
@@ -87,6 +112,7 @@ class ScoreResponse(BaseModel):
 
 class RankRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    model: str | None = MODEL_FIELD
     prompt: Prompt
     responses: list[str]
     top_n: int | None = Field(None, ge=1, description="return only the best N")
@@ -112,19 +138,33 @@ class RankResponse(BaseModel):
     usage: Usage
 
 
+ACTIVATION_FIELD = Field(
+    None,
+    description="false/unset: relevance_score is the raw reward; true: sigmoid(reward), in (0, 1) "
+    "(vLLM's field name; any rerank or score client may send it)",
+)
+
+
 class RerankDocument(BaseModel):
+    model_config = ConfigDict(extra="ignore")
     text: str
 
 
 class RerankRequest(BaseModel):
-    """The rerank shape Cohere, Jina and vLLM clients speak."""
+    """The rerank shape Cohere (v1 and v2), Jina and vLLM clients speak: `query` is the prompt, each
+    document a candidate answer. Fields of those APIs that do not apply (rank_fields, max_chunks_per_doc,
+    max_tokens_per_doc, truncate_prompt_tokens, priority, ...) are accepted and ignored."""
 
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={"examples": [{"query": "How do I boil an egg?", "documents": ["Boil it.", "No idea."]}]},
+    )
+    model: str | None = MODEL_FIELD
     query: str
     documents: list[str | RerankDocument]
-    top_n: int | None = Field(None, ge=1)
+    top_n: int | None = Field(None, ge=0, description="return only the best N; 0 or unset: all (vLLM's convention)")
     return_documents: bool = True
+    use_activation: bool | None = ACTIVATION_FIELD
 
     def texts(self) -> list[str]:
         return [d if isinstance(d, str) else d.text for d in self.documents]
@@ -140,14 +180,219 @@ class RerankResult(BaseModel):
 
 
 class RerankUsage(BaseModel):
+    """vLLM and Jina read prompt_tokens/total_tokens."""
+
+    prompt_tokens: int
     total_tokens: int
 
 
+class ApiVersion(BaseModel):
+    version: str
+
+
+class BilledUnits(BaseModel):
+    search_units: int
+    input_tokens: int
+
+
+class MetaTokens(BaseModel):
+    input_tokens: int
+    output_tokens: int = 0
+
+
+class RerankMeta(BaseModel):
+    """Cohere's `meta` (the SDK's ApiMeta): one search unit per request, the tokens scored."""
+
+    api_version: ApiVersion
+    billed_units: BilledUnits
+    tokens: MetaTokens
+
+
 class RerankResponse(BaseModel):
+    """One answer every rerank client parses: Cohere v1/v2 (id, results, meta), Jina and vLLM (id,
+    model, results with document, usage)."""
+
     id: str
     model: str
     results: list[RerankResult]
     usage: RerankUsage
+    meta: RerankMeta
+
+
+class TEIRerankRequest(BaseModel):
+    """Hugging Face text-embeddings-inference's rerank body."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = MODEL_FIELD
+    query: str
+    texts: list[str]
+    raw_scores: bool = Field(False, description="true: the raw reward; false (TEI's default): sigmoid(reward)")
+    return_text: bool = False
+    truncate: bool | None = Field(None, description="accepted; the model's own truncation rule applies")
+    truncation_direction: str | None = Field(None, description="accepted and ignored")
+
+    def jobs(self) -> tuple[list[Job], str]:
+        return [Job(self.query, t, f"texts[{i}]", "query") for i, t in enumerate(self.texts)], "texts"
+
+
+class TEIRank(BaseModel):
+    index: int
+    score: float
+    text: str | None = None
+
+
+def _rerank_kind(body: Any) -> str:
+    return (
+        "TEIRerankRequest"
+        if isinstance(body, dict) and "texts" in body and "documents" not in body
+        else "RerankRequest"
+    )
+
+
+AnyRerankRequest = Annotated[
+    Annotated[RerankRequest, Tag("RerankRequest")] | Annotated[TEIRerankRequest, Tag("TEIRerankRequest")],
+    Discriminator(_rerank_kind),
+]
+
+
+class TEIPredictRequest(BaseModel):
+    """TEI's /predict: a text, a [text, text_pair] pair, or a batch of [text] / [text, text_pair] lists.
+    A single text is scored as already-templated text (like /get_reward); a pair as (prompt, answer)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = MODEL_FIELD
+    inputs: str | list[str] | list[list[str]]
+    raw_scores: bool = Field(False, description="true: the raw reward; false (TEI's default): sigmoid(reward)")
+    truncate: bool | None = None
+    truncation_direction: str | None = None
+
+    @property
+    def batched(self) -> bool:
+        return isinstance(self.inputs, list) and bool(self.inputs) and isinstance(self.inputs[0], list)
+
+    def sequences(self) -> list[tuple[list[str], str]]:
+        """Each input as ([text] or [text, text_pair], its field name)."""
+        if isinstance(self.inputs, str):
+            return [([self.inputs], "inputs")]
+        if not self.batched:
+            return [(list(self.inputs), "inputs")]  # type: ignore[arg-type]
+        return [(list(seq), f"inputs[{i}]") for i, seq in enumerate(self.inputs)]  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _texts_or_pairs(self) -> TEIPredictRequest:
+        for seq, param in self.sequences():
+            if len(seq) not in (1, 2):
+                raise ValueError(
+                    f"{param} has {len(seq)} strings; give a text, [text] or a pair [text, text_pair] (TEI's /predict)"
+                )
+        return self
+
+    def jobs(self) -> tuple[list[Job], str]:
+        return [
+            Job(None, seq[0], param) if len(seq) == 1 else Job(seq[0], seq[1], f"{param}[1]", f"{param}[0]")
+            for seq, param in self.sequences()
+        ], "inputs"
+
+
+class TEIPrediction(BaseModel):
+    score: float
+    label: str
+
+
+ScoreInputs = str | list[str]
+
+
+class VLLMScoreRequest(BaseModel):
+    """vLLM's score body: `text_1`/`text_2` (or `data_1`/`data_2`, `queries`/`documents`,
+    `queries`/`items`). One first text is paired with every second text; otherwise they pair up 1:1.
+    The first text is the prompt, the second the answer scored."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={"examples": [{"text_1": "How do I boil an egg?", "text_2": ["Boil it.", "No idea."]}]},
+    )
+    model: str | None = MODEL_FIELD
+    text_1: ScoreInputs | None = None
+    text_2: ScoreInputs | None = None
+    data_1: ScoreInputs | None = None
+    data_2: ScoreInputs | None = None
+    queries: ScoreInputs | None = None
+    documents: ScoreInputs | None = None
+    items: ScoreInputs | None = None
+    use_activation: bool | None = ACTIVATION_FIELD
+
+    @model_validator(mode="after")
+    def _one_pair(self) -> VLLMScoreRequest:
+        given = [p for p in VLLM_PAIRS if any(getattr(self, n) is not None for n in p)]
+        complete = [p for p in given if all(getattr(self, n) is not None for n in p)]
+        if len(complete) != 1:
+            raise ValueError(
+                "give exactly one pair of fields: text_1/text_2, data_1/data_2, queries/documents or queries/items"
+            )
+        n1, n2 = complete[0]
+        a, b = self._lists()
+        if not a or not b:
+            raise ValueError(f"'{n1 if not a else n2}' is empty; give at least one text")
+        if len(a) != 1 and len(a) != len(b):
+            raise ValueError(f"'{n1}' has {len(a)} texts and '{n2}' has {len(b)}; give one '{n1}' or as many as '{n2}'")
+        return self
+
+    def names(self) -> tuple[str, str]:
+        for first, second in VLLM_PAIRS:
+            if getattr(self, first) is not None and getattr(self, second) is not None:
+                return first, second
+        raise AssertionError("validated: one pair is given")
+
+    def _lists(self) -> tuple[list[str], list[str]]:
+        v1, v2 = (getattr(self, n) for n in self.names())
+        return ([v1] if isinstance(v1, str) else list(v1)), ([v2] if isinstance(v2, str) else list(v2))
+
+    def jobs(self) -> tuple[list[Job], str]:
+        (n1, n2), (a, b) = self.names(), self._lists()
+        single1, single2 = isinstance(getattr(self, n1), str), isinstance(getattr(self, n2), str)
+        p1 = [n1] if single1 else [f"{n1}[{i}]" for i in range(len(a))]
+        p2 = [n2] if single2 else [f"{n2}[{j}]" for j in range(len(b))]
+        if len(a) == 1:
+            return [Job(a[0], t, p2[j], p1[0]) for j, t in enumerate(b)], n2
+        return [Job(a[i], b[i], p2[i], p1[i]) for i in range(len(a))], n2
+
+
+VLLM_PAIRS = (("queries", "documents"), ("queries", "items"), ("data_1", "data_2"), ("text_1", "text_2"))
+VLLM_SCORE_FIELDS = frozenset(n for pair in VLLM_PAIRS for n in pair) - {"items"}
+
+
+def _score_kind(body: Any) -> str:
+    """vLLM's shape has text_1/data_1/queries/... ; ours has prompt/responses or items."""
+    if isinstance(body, dict) and VLLM_SCORE_FIELDS & body.keys():
+        return "VLLMScoreRequest"
+    return "ScoreRequest"
+
+
+AnyScoreRequest = Annotated[
+    Annotated[ScoreRequest, Tag("ScoreRequest")] | Annotated[VLLMScoreRequest, Tag("VLLMScoreRequest")],
+    Discriminator(_score_kind),
+]
+
+
+class VLLMUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+    completion_tokens: int = 0
+
+
+class VLLMScoreData(BaseModel):
+    index: int
+    object: Literal["score"] = "score"
+    score: float
+
+
+class VLLMScoreResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[VLLMScoreData]
+    usage: VLLMUsage
 
 
 class RewardRequest(BaseModel):

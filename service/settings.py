@@ -78,6 +78,13 @@ class Settings(BaseSettings):
     log_texts: bool = Field(False, description="log request texts (debug only; off by default)")
     trust_remote_code: bool = Field(False, description="allow a model's own Python code (off: never run it)")
 
+    max_reward_queries: int = Field(
+        4096,
+        ge=1,
+        description="queries per /get_reward call (OpenRLHF sends whole rollout batches); the deadline grows "
+        "with the batch: request_timeout_s per started block of max_responses queries",
+    )
+
     @field_validator("model", "model_id")
     @classmethod
     def _empty_is_none(cls, v: str | None) -> str | None:

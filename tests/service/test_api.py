@@ -77,7 +77,7 @@ def test_rerank_cohere_shape(client: TestClient) -> None:
     )
     assert r.status_code == 200
     body = r.json()
-    assert body["id"].startswith("rerank-") and body["model"] == "x" and body["usage"]["total_tokens"] > 0
+    assert body["id"].startswith("rerank-") and body["model"] == "model" and body["usage"]["total_tokens"] > 0
     best = max(range(3), key=lambda i: scores[i])
     assert body["results"][0]["index"] == best and body["results"][0]["document"]["text"] == ANSWERS[best]
     assert body["results"][0]["relevance_score"] == pytest.approx(scores[best], abs=1e-6)
@@ -135,7 +135,12 @@ ERROR_CASES = [
     ({"prompt": "", "responses": ["a"]}, 422, "prompt"),
     ({"prompt": [], "responses": ["a"]}, 422, "prompt"),
     ({"prompt": [{"role": "robot", "content": "x"}], "responses": ["a"]}, 422, "prompt.0.role"),
-    ({"prompt": [{"role": "user"}], "responses": ["a"]}, 422, "prompt.0.content"),
+    ({"prompt": [{"role": "user", "content": 5}], "responses": ["a"]}, 422, "prompt.0.content"),
+    (
+        {"prompt": [{"role": "user", "content": [{"type": "image_url"}]}], "responses": ["a"]},
+        422,
+        "prompt.0.content.0.type",
+    ),
     ({"prompt": PROMPT, "responses": ["a"], "items": []}, 422, None),
     ({"prompt": PROMPT, "responses": ["a"], "normalize": "maybe"}, 422, "normalize"),
     ({"prompt": PROMPT, "responses": ["a"], "extra": 1}, 422, "extra"),

@@ -124,3 +124,20 @@ def test_trl_reward_function_calling_convention(server: str) -> None:
         rf(prompts=[[{"role": "user", "content": "Question 0?"}]], completions=["Answer 0."]), abs=1e-6
     )
     assert len(rf(prompts=["q"], completions=[""])) == 1  # an empty completion still gets a score
+
+
+def public_methods(cls: type) -> set[str]:
+    return {n for n in dir(cls) if not n.startswith("_") and callable(getattr(cls, n))}
+
+
+def test_async_client_has_the_whole_sync_surface(server: str) -> None:
+    # close/aclose differ by name on purpose (the httpx convention); everything else is shared.
+    assert public_methods(RewardClient) - {"close"} == public_methods(AsyncRewardClient) - {"aclose"}
+
+    async def go() -> tuple[list[dict[str, object]], bool]:
+        async with AsyncRewardClient(server, api_key="k") as ac:
+            return await ac.models(), await ac.ready()
+
+    models, ready = asyncio.run(go())
+    assert models[0]["id"] == "model" and ready is True
+    assert asyncio.run(AsyncRewardClient(f"http://127.0.0.1:{free_port()}", max_retries=0).ready()) is False

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from models.data import RankedExample
+from models.evaluate import bound_pairs
+from service.cli import main as cli
+from tests.models.test_train import synthetic
+
+
+def test_bound_pairs_keeps_leading_examples_within_the_bound() -> None:
+    pair = RankedExample(prompt=[{"role": "user", "content": "p"}], responses=["a", "b"], ranks=[0, 1])
+    triple = RankedExample(
+        prompt=[{"role": "user", "content": "p"}], responses=["a", "b", "c"], ranks=[0, 1, 2]
+    )  # 3 pairs
+    exs = [pair, triple, pair, pair]
+    assert bound_pairs(exs, None) == exs
+    assert bound_pairs(exs, 4) == [pair, triple] and bound_pairs(exs, 5) == [pair, triple, pair]
+    assert bound_pairs([triple, pair], 1) == [triple]  # never empty: the first example always counts
+
+
+def test_eval_max_pairs_and_progress_bar(tmp_path: Path, rm_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = synthetic(tmp_path / "syn.jsonl", 40)
+    capsys.readouterr()
+    assert cli(["eval", "--model", str(rm_dir), "--data", str(data), "--max-pairs", "7", "--json"]) == 0
+    captured = capsys.readouterr()
+    res = json.loads(captured.out.strip().splitlines()[-1])
+    assert res["pairs"] == 7 and res["files"]["syn.jsonl"]["examples"] == 7
+    assert "scoring" in captured.err and "14/14" in captured.err  # tqdm's bar: 7 pairs = 14 sequences
+    assert cli(["eval", "--model", str(rm_dir), "--data", str(data), "--no-progress", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1])["pairs"] == 40 and "scoring" not in captured.err
