@@ -8,7 +8,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from models.formatting import Encoded, Formatter, FormattingError
+from models.formatting import Encoded, Formatter, FormattingError, TooLongError
 from service.batcher import Batcher, QueueFull, Reservation
 from service.errors import DeadlineExceeded, InferenceFailed, InvalidRequest, Overloaded, PayloadTooLarge
 from service.metrics import Metrics
@@ -185,9 +185,20 @@ class ScoringEngine:
         for job in jobs:
             try:
                 if job.prompt is None:
-                    out.append(self.formatter.encode_text(job.response, param=job.param))
+                    enc = self.formatter.encode_text(
+                        job.response, param=job.param, prompt=job.hint, truncation=job.truncation
+                    )
                 else:
-                    out.append(self.formatter.encode(job.prompt, job.response, param=job.param))
+                    enc = self.formatter.encode(
+                        job.prompt,
+                        job.response,
+                        param=job.param,
+                        prompt_param=job.prompt_param,
+                        truncation=job.truncation,
+                    )
+                out.append(enc)
+            except TooLongError as e:
+                raise PayloadTooLarge(str(e), param=e.param or job.param, code="sequence_too_long") from None
             except FormattingError as e:
                 raise InvalidRequest(str(e), param=e.param or job.param) from None
         return out

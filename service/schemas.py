@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
@@ -50,6 +50,25 @@ class Job:
     response: str
     param: str
     prompt_param: str = "prompt"
+    truncation: Literal["left", "error"] | None = None  # None: the model's own rule
+    hint: str | None = None  # templated text only: the templated prompt it starts with (OpenRLHF's `prompts`)
+
+
+TRUNCATION_FIELD: Any = Field(
+    None,
+    description="what to do when a sequence is longer than the model's max length: 'left' (the default) cuts "
+    "the oldest turns, then the start of the final question and of the answer, keeping the answer's end; "
+    "'error' answers 413 naming the input instead",
+)
+
+
+def tei_truncation(truncate: bool | None) -> Literal["left", "error"] | None:
+    """TEI's `truncate` flag: true cuts, false refuses an over-long input (413), unset keeps the model's rule."""
+    return None if truncate is None else ("left" if truncate else "error")
+
+
+def with_truncation(jobs: list[Job], truncation: Literal["left", "error"] | None) -> list[Job]:
+    return [replace(j, truncation=truncation) for j in jobs] if truncation else jobs
 
 
 def prompt_value(prompt: Prompt) -> str | list[dict[str, str]]:
@@ -87,16 +106,20 @@ class ScoreRequest(BaseModel):
             raise ValueError("give 'prompt' and 'responses', or 'items'")
         return self
 
+    truncation: Literal["left", "error"] | None = TRUNCATION_FIELD
+
     def jobs(self) -> tuple[list[Job], str]:
         """(jobs, the name of the list they came from)."""
         if self.items is not None:
-            return [
+            items = [
                 Job(prompt_value(it.prompt), it.response, f"items[{i}].response", f"items[{i}].prompt")
                 for i, it in enumerate(self.items)
-            ], "items"
+            ]
+            return with_truncation(items, self.truncation), "items"
         assert self.prompt is not None and self.responses is not None
         p = prompt_value(self.prompt)
-        return [Job(p, r, f"responses[{i}]") for i, r in enumerate(self.responses)], "responses"
+        jobs = [Job(p, r, f"responses[{i}]") for i, r in enumerate(self.responses)]
+        return with_truncation(jobs, self.truncation), "responses"
 
 
 class Usage(BaseModel):
@@ -120,15 +143,19 @@ class RankRequest(BaseModel):
     return_pairwise: bool = Field(False, description="also return P(i better than j) = sigmoid(r_i - r_j)")
     normalize: bool = False
 
+    truncation: Literal["left", "error"] | None = TRUNCATION_FIELD
+
     def jobs(self) -> tuple[list[Job], str]:
         p = prompt_value(self.prompt)
-        return [Job(p, r, f"responses[{i}]") for i, r in enumerate(self.responses)], "responses"
+        jobs = [Job(p, r, f"responses[{i}]") for i, r in enumerate(self.responses)]
+        return with_truncation(jobs, self.truncation), "responses"
 
 
 class Ranked(BaseModel):
     index: int
     score: float
     probability: float
+    truncated: bool = Field(False, description="this response's sequence was cut to the model's max length")
 
 
 class RankResponse(BaseModel):
@@ -169,14 +196,18 @@ class RerankRequest(BaseModel):
     def texts(self) -> list[str]:
         return [d if isinstance(d, str) else d.text for d in self.documents]
 
+    truncation: Literal["left", "error"] | None = TRUNCATION_FIELD
+
     def jobs(self) -> tuple[list[Job], str]:
-        return [Job(self.query, t, f"documents[{i}]", "query") for i, t in enumerate(self.texts())], "documents"
+        jobs = [Job(self.query, t, f"documents[{i}]", "query") for i, t in enumerate(self.texts())]
+        return with_truncation(jobs, self.truncation), "documents"
 
 
 class RerankResult(BaseModel):
     index: int
     relevance_score: float
     document: RerankDocument | None = None
+    truncated: bool = Field(False, description="this document's sequence was cut to the model's max length")
 
 
 class RerankUsage(BaseModel):
@@ -228,17 +259,21 @@ class TEIRerankRequest(BaseModel):
     texts: list[str]
     raw_scores: bool = Field(False, description="true: the raw reward; false (TEI's default): sigmoid(reward)")
     return_text: bool = False
-    truncate: bool | None = Field(None, description="accepted; the model's own truncation rule applies")
+    truncate: bool | None = Field(
+        None, description="true: cut over-long inputs (keeping the answer's end); false: 413 instead; unset: cut"
+    )
     truncation_direction: str | None = Field(None, description="accepted and ignored")
 
     def jobs(self) -> tuple[list[Job], str]:
-        return [Job(self.query, t, f"texts[{i}]", "query") for i, t in enumerate(self.texts)], "texts"
+        jobs = [Job(self.query, t, f"texts[{i}]", "query") for i, t in enumerate(self.texts)]
+        return with_truncation(jobs, tei_truncation(self.truncate)), "texts"
 
 
 class TEIRank(BaseModel):
     index: int
     score: float
     text: str | None = None
+    truncated: bool = Field(False, description="this text's sequence was cut to the model's max length")
 
 
 def _rerank_kind(body: Any) -> str:
@@ -263,7 +298,9 @@ class TEIPredictRequest(BaseModel):
     model: str | None = MODEL_FIELD
     inputs: str | list[str] | list[list[str]]
     raw_scores: bool = Field(False, description="true: the raw reward; false (TEI's default): sigmoid(reward)")
-    truncate: bool | None = None
+    truncate: bool | None = Field(
+        None, description="true: cut over-long inputs (keeping the answer's end); false: 413 instead; unset: cut"
+    )
     truncation_direction: str | None = None
 
     @property
@@ -288,10 +325,11 @@ class TEIPredictRequest(BaseModel):
         return self
 
     def jobs(self) -> tuple[list[Job], str]:
-        return [
+        jobs = [
             Job(None, seq[0], param) if len(seq) == 1 else Job(seq[0], seq[1], f"{param}[1]", f"{param}[0]")
             for seq, param in self.sequences()
-        ], "inputs"
+        ]
+        return with_truncation(jobs, tei_truncation(self.truncate)), "inputs"
 
 
 class TEIPrediction(BaseModel):
@@ -347,14 +385,16 @@ class VLLMScoreRequest(BaseModel):
         v1, v2 = (getattr(self, n) for n in self.names())
         return ([v1] if isinstance(v1, str) else list(v1)), ([v2] if isinstance(v2, str) else list(v2))
 
+    truncation: Literal["left", "error"] | None = TRUNCATION_FIELD
+
     def jobs(self) -> tuple[list[Job], str]:
         (n1, n2), (a, b) = self.names(), self._lists()
         single1, single2 = isinstance(getattr(self, n1), str), isinstance(getattr(self, n2), str)
         p1 = [n1] if single1 else [f"{n1}[{i}]" for i in range(len(a))]
         p2 = [n2] if single2 else [f"{n2}[{j}]" for j in range(len(b))]
         if len(a) == 1:
-            return [Job(a[0], t, p2[j], p1[0]) for j, t in enumerate(b)], n2
-        return [Job(a[i], b[i], p2[i], p1[i]) for i in range(len(a))], n2
+            return with_truncation([Job(a[0], t, p2[j], p1[0]) for j, t in enumerate(b)], self.truncation), n2
+        return with_truncation([Job(a[i], b[i], p2[i], p1[i]) for i in range(len(a))], self.truncation), n2
 
 
 VLLM_PAIRS = (("queries", "documents"), ("queries", "items"), ("data_1", "data_2"), ("text_1", "text_2"))
@@ -384,6 +424,7 @@ class VLLMScoreData(BaseModel):
     index: int
     object: Literal["score"] = "score"
     score: float
+    truncated: bool = Field(False, description="this pair's sequence was cut to the model's max length")
 
 
 class VLLMScoreResponse(BaseModel):
@@ -403,13 +444,24 @@ class RewardRequest(BaseModel):
     prompts: list[Any] | None = None
     labels: list[Any] | None = None
 
+    truncation: Literal["left", "error"] | None = TRUNCATION_FIELD
+
     def jobs(self) -> tuple[list[Job], str]:
-        return [Job(None, q, f"query[{i}]") for i, q in enumerate(self.query)], "query"
+        hints = self.prompts if self.prompts is not None and len(self.prompts) == len(self.query) else None
+        jobs = [
+            Job(None, q, f"query[{i}]", hint=h if isinstance(h, str) and h.strip() else None)
+            for i, (q, h) in enumerate(zip(self.query, hints or [None] * len(self.query), strict=True))
+        ]
+        return with_truncation(jobs, self.truncation), "query"
 
 
 class RewardResponse(BaseModel):
+    """`truncated[i]` says query i was cut to the model's max length; `extra_logs.truncated` carries the
+    same as 0.0/1.0 per query, which OpenRLHF logs beside the rewards (its mean is the truncation rate)."""
+
     rewards: list[float]
     scores: list[float]
+    truncated: list[bool] = Field(default_factory=list)
     extra_logs: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -28,7 +28,7 @@ async def get_reward(req: RewardRequest, engine: EngineDep, state: StateDep, req
     templated, scored at its last token. Takes whole rollout batches (up to RMSERVE_MAX_REWARD_QUERIES),
     fed to the batcher in slices so other clients' requests interleave. An empty list answers empty lists."""
     if not req.query:
-        return RewardResponse(rewards=[], scores=[], extra_logs={})
+        return RewardResponse(rewards=[], scores=[], truncated=[], extra_logs={})
     jobs, count_param = req.jobs()
     limits = engine.limits
     scoring = engine.score(
@@ -39,4 +39,7 @@ async def get_reward(req: RewardRequest, engine: EngineDep, state: StateDep, req
         slice_size=reward_slice(engine.batcher.max_batch_size, engine.batcher.max_queued),
     )
     scored = await until_disconnected(request, scoring)
-    return RewardResponse(rewards=scored.scores, scores=scored.scores, extra_logs={})
+    cut = scored.truncated
+    return RewardResponse(
+        rewards=scored.scores, scores=scored.scores, truncated=cut, extra_logs={"truncated": [float(t) for t in cut]}
+    )

@@ -35,7 +35,7 @@ async def rank(req: RankRequest, engine: EngineDep, request: Request) -> RankRes
     pairwise = [[sigmoid(a - b) for b in scores] for a in scores] if req.return_pairwise else None
     return RankResponse(
         model=engine.model_id,
-        ranking=[Ranked(index=i, score=scores[i], probability=probs[i]) for i in order],
+        ranking=[Ranked(index=i, score=scores[i], probability=probs[i], truncated=scored.truncated[i]) for i in order],
         pairwise=pairwise,
         usage=Usage(tokens=scored.tokens),
     )

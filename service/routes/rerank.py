@@ -45,6 +45,7 @@ async def rerank_documents(
             index=i,
             relevance_score=scores[i],
             document=RerankDocument(text=texts[i]) if req.return_documents else None,
+            truncated=scored.truncated[i],
         )
         for i in best_first(scores, req.top_n)
     ]
@@ -67,7 +68,7 @@ async def rerank_tei(req: TEIRerankRequest, engine: ScoringEngine, request: Requ
     scored = await until_disconnected(request, engine.score(*req.jobs()))
     scores = activate(scored.scores, not req.raw_scores)
     return [
-        TEIRank(index=i, score=scores[i], text=req.texts[i] if req.return_text else None)
+        TEIRank(index=i, score=scores[i], text=req.texts[i] if req.return_text else None, truncated=scored.truncated[i])
         for i in best_first(scores, None)
     ]
 

@@ -56,6 +56,6 @@ async def vllm_score(req: VLLMScoreRequest, engine: EngineDep, request: Request)
         id=f"score-{uuid.uuid4().hex}",
         created=int(time.time()),
         model=engine.model_id,
-        data=[VLLMScoreData(index=i, score=s) for i, s in enumerate(scores)],
+        data=[VLLMScoreData(index=i, score=s, truncated=scored.truncated[i]) for i, s in enumerate(scores)],
         usage=VLLMUsage(prompt_tokens=scored.tokens, total_tokens=scored.tokens),
     )

@@ -82,3 +82,33 @@ def test_assembled_model_carries_card_and_normalization(default_model: tuple[Pat
     marker = (out / "rmserve-default.json").stat().st_mtime_ns
     assert build_default(out=out) == out
     assert (out / "rmserve-default.json").stat().st_mtime_ns == marker
+
+
+def test_default_dtype_is_batch_invariant(default_model: tuple[Path, RewardModel, Any]) -> None:
+    """The service's default settings on the real default model: each item scored alone, in one mixed
+    request (shared prompts and different lengths) and in concurrent requests gets the same reward
+    within 1e-4, on any CPU (the default dtype there is float32)."""
+    import asyncio
+
+    import httpx
+
+    from service.settings import Settings
+    from tests.service.conftest import live_server
+
+    out, _, _ = default_model
+    items = [{"prompt": p, "response": r} for p, better, worse in CASES[:3] for r in (better, worse)]
+    items.append({"prompt": CASES[0][0], "response": "Paris. " * 40})
+    with live_server(Settings(model=str(out), dtype="auto", request_timeout_s=300)) as url:
+        with httpx.Client(base_url=url, timeout=300) as c:
+            alone = [c.post("/v1/score", json={"items": [it]}).json()["scores"][0] for it in items]
+            mixed = c.post("/v1/score", json={"items": items}).json()["scores"]
+            assert c.get("/v1/models").json()["data"][0]["dtype"] == "float32"
+
+        async def concurrent() -> list[float]:
+            async with httpx.AsyncClient(base_url=url, timeout=300) as ac:
+                rs = await asyncio.gather(*(ac.post("/v1/score", json={"items": [it]}) for it in items))
+            return [r.json()["scores"][0] for r in rs]
+
+        together = asyncio.run(concurrent())
+    assert max(abs(a - b) for a, b in zip(alone, mixed, strict=True)) <= 1e-4, (alone, mixed)
+    assert max(abs(a - b) for a, b in zip(alone, together, strict=True)) <= 1e-4, (alone, together)
