@@ -238,7 +238,7 @@ class Formatter:
             raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected text")
         return text
 
-    def _layout(self, roles: Sequence[tuple[int, str]], n_answer: int) -> list[Piece]:
+    def _layout(self, roles: Sequence[tuple[int, str]], n_answer: int, param: str = "prompt") -> list[Piece]:
         """Template pieces and content slots of the conversation `roles` ((slot, role) pairs) + the answer.
 
         The answer's slot `n_answer` comes last, followed by its end-of-turn text only.
@@ -254,14 +254,14 @@ class Formatter:
         try:
             text = self._render(conv)
         except Exception as e:  # jinja's TemplateError and raise_exception(): the template refused the roles
-            raise FormattingError(f"the chat template refused this conversation: {e}", "prompt") from None
+            raise FormattingError(f"the chat template refused this conversation: {e}", param) from None
         parts = _SENTINEL_RE.split(text)  # [text, slot, text, slot, ..., text]
         slots = [int(s) for s in parts[1::2]]
         if sorted(slots) != sorted([s for s, _ in roles] + [n_answer]) or slots[-1] != n_answer:
             raise FormattingError(
                 "the chat template does not render each message's content exactly once with the answer last; "
                 "this conversation cannot be formatted with it",
-                "prompt",
+                param,
             )
         out: list[Piece] = [parts[0]]
         for slot, txt in zip(slots, parts[2::2], strict=True):
@@ -398,7 +398,7 @@ class Formatter:
             contents = [" " + c for c in contents]
         ids = [self._content_ids(c) for c in contents]
         roles = [(i, m["role"]) for i, m in enumerate(messages)]
-        layout = self._layout(roles, n)
+        layout = self._layout(roles, n, prompt_param)
         total = self._length(layout, ids)
         if total <= self.max_length:
             return self._assemble(layout, ids, {}, n, False)
@@ -569,9 +569,10 @@ class Formatter:
         if len(ids) + len(eot) <= self.max_length:
             return Encoded(ids + eot, 0, False)
         if (truncation or self.truncation) == "error":
+            partial = len(content) > self.max_length * _WINDOW_CHARS_PER_TOKEN
             raise TooLongError(
-                f"{param} is at least {len(ids) + len(eot):,} tokens; max_length is {self.max_length:,} and "
-                "truncation='error' was asked",
+                f"{param} is {'at least ' if partial else ''}{len(ids) + len(eot):,} tokens; "
+                f"max_length is {self.max_length:,} and truncation='error' was asked",
                 param,
                 len(ids) + len(eot),
                 self.max_length,
