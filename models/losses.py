@@ -32,8 +32,13 @@ def pairwise_loss(
     sums = torch.zeros(g, dtype=per_pair.dtype, device=per_pair.device).index_add(0, group, per_pair)
     counts = torch.zeros(g, dtype=per_pair.dtype, device=per_pair.device).index_add(0, group, torch.ones_like(per_pair))
     loss = (sums / counts.clamp(min=1)).mean()
-    acc = ((diff > 0).float() + 0.5 * (diff == 0).float()).mean()
-    return loss, acc.detach()
+    return loss, pair_accuracy(rewards, better, worse)
+
+
+def pair_accuracy(rewards: torch.Tensor, better: torch.Tensor, worse: torch.Tensor) -> torch.Tensor:
+    """Fraction of pairs with r_better > r_worse, ties counting 0.5. (N,), (P,), (P,) -> scalar, detached."""
+    diff = (rewards[better] - rewards[worse]).detach()  # (P,)
+    return ((diff > 0).float() + 0.5 * (diff == 0).float()).mean()
 
 
 def listwise_loss(rewards: torch.Tensor, ranks: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
