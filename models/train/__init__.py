@@ -19,8 +19,9 @@ from models.train.card import normalization, write_card
 from models.train.checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
 from models.train.config import TrainConfig, add_train_args, config_from_args
 from models.train.distributed import Distributed, dist_info, resolve_device
-from models.train.loop import Loop, LoopResult
+from models.train.loop import EarlyStopping, Loop, LoopResult
 from models.train.methods import (
+    add_head_dropout,
     apply_method,
     build_optimizer,
     final_norm,
@@ -28,7 +29,7 @@ from models.train.methods import (
     transformer_layers,
     use_frozen_cache,
 )
-from models.train.run import TRAINED_DIR, TrainData, load_data, load_model, main, train
+from models.train.run import TRAINED_DIR, TrainData, balanced_order, build_batches, load_data, load_model, main, train
 from models.train.scorer import Scorer, batch_loss, evaluate_dev
 
 __all__ = [
@@ -36,16 +37,20 @@ __all__ = [
     "TRAINED_DIR",
     "Batch",
     "Distributed",
+    "EarlyStopping",
     "EncodedExample",
     "Loop",
     "LoopResult",
     "Scorer",
     "TrainConfig",
     "TrainData",
+    "add_head_dropout",
     "add_train_args",
     "apply_method",
+    "balanced_order",
     "batch_loss",
     "build_batch",
+    "build_batches",
     "build_optimizer",
     "config_from_args",
     "dist_info",

@@ -20,8 +20,13 @@ CHECKPOINT_DIR = ".checkpoint"
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that train, detached float32 copies on the CPU."""
-    return {n: p.detach().float().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """The parameters that train, detached float32 copies on the CPU (copies even where the parameter
+    already is one: a kept state must not follow later steps)."""
+    return {
+        n: p.detach().to("cpu", torch.float32, copy=True).contiguous()
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
 
 
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
@@ -43,7 +48,9 @@ def save_checkpoint(
     step: int,
     history: list[dict[str, Any]],
     cfg: TrainConfig,
+    extra: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None,
 ) -> None:
+    """`extra`: (JSON-able state, tensors) of another part of the run (early stopping's best weights)."""
     ck = out / CHECKPOINT_DIR
     tmp = out / (CHECKPOINT_DIR + ".tmp")
     if tmp.exists():
@@ -52,7 +59,10 @@ def save_checkpoint(
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optimizer.pt")
     save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "history": history, "config": asdict(cfg)}))
+    state = {"step": step, "history": history, "config": asdict(cfg), "extra": extra[0] if extra else None}
+    if extra and extra[1]:
+        save_file(extra[1], str(tmp / "extra.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(state))
     if ck.exists():
         shutil.rmtree(ck)
     os.replace(tmp, ck)
@@ -72,6 +82,16 @@ def load_checkpoint(
     sched.load_state_dict(blob["scheduler"])
     torch.set_rng_state(load_file(str(ck / "rng.safetensors"))["cpu"])
     return int(state["step"]), list(state["history"])
+
+
+def load_checkpoint_extra(out: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """The `extra` that `save_checkpoint` was given, or None."""
+    ck = out / CHECKPOINT_DIR
+    state = json.loads((ck / "state.json").read_text()).get("extra")
+    if state is None:
+        return None
+    tensors = load_file(str(ck / "extra.safetensors")) if (ck / "extra.safetensors").is_file() else {}
+    return state, tensors
 
 
 def remove_checkpoint(out: Path) -> None:

@@ -28,7 +28,11 @@ class TrainConfig:
     epochs: float = 1.0  # passes over the training data
     lr: float = 5e-5  # peak learning rate (head and body)
     head_lr: float | None = None  # head learning rate (default: lr x 10)
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW decoupled decay on matrices (not biases or norm weights)
+    head_dropout: float = 0.0  # dropout on the pooled last-token state before the head, while training
+    label_smoothing: float = 0.0  # pairwise: target P(better wins) = 1 - eps instead of 1
+    early_stopping_patience: int = 0  # stop after N dev evaluations without a better accuracy; keep the best
+    balance_subsets: bool = False  # repeat the prompts of smaller subsets so each subset weighs the same
     warmup: float = 0.05  # fraction of steps with linear warmup, then cosine decay to 10%
     batch_tokens: int = 4096  # padded tokens (longest x count) per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -44,6 +48,8 @@ class TrainConfig:
     skip_bad: bool = False  # skip malformed lines (counted) instead of stopping
     norm_samples: int = 512  # training responses scored for the normalization mean/std
     cache_frozen: str = "auto"  # top-n: compute the frozen bottom layers once per sequence (auto | on | off)
+    cache_dir: str = ""  # where frozen-layer states persist between runs ("" = RMSERVE_HOME/frozen-cache; none)
+    cache_dtype: str = "auto"  # frozen-layer states' storage: float32 | bfloat16 | auto (the training dtype)
     prefix_sharing: str = "off"  # run each prompt once for all its responses, gradients through it (on | off)
     halt_after: int = 0  # testing aid: stop abruptly after N steps, like a kill (no final model)
     trained_dtype: str = "bfloat16"  # lora / top-n: dtype of OUT/trained/, the tensors training changed
@@ -67,7 +73,20 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=float, default=d.epochs)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--head-lr", type=float, default=None, help="default: 10 x --lr")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay (not biases, norms)")
+    p.add_argument("--head-dropout", type=float, default=d.head_dropout, help="dropout before the head")
+    p.add_argument(
+        "--label-smoothing", type=float, default=d.label_smoothing, help="pairwise: target P(better) = 1 - eps"
+    )
+    p.add_argument(
+        "--early-stopping-patience",
+        type=int,
+        default=d.early_stopping_patience,
+        help="stop after N dev evaluations (--eval-every) without improvement; ship the best weights",
+    )
+    p.add_argument(
+        "--balance-subsets", action="store_true", help="repeat smaller subsets' prompts so each subset weighs the same"
+    )
     p.add_argument("--warmup", type=float, default=d.warmup, help="warmup fraction of steps")
     p.add_argument("--batch-tokens", type=int, default=d.batch_tokens, help="padded tokens per micro-batch")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum)
@@ -95,6 +114,17 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "(auto: on for Llama-family bodies on one process)",
     )
     p.add_argument(
+        "--cache-dir",
+        default=d.cache_dir,
+        help="frozen-layer states kept here for later runs (default RMSERVE_HOME/frozen-cache; 'none': memory only)",
+    )
+    p.add_argument(
+        "--cache-dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default=d.cache_dtype,
+        help="storage of the frozen-layer states (auto: the training --dtype)",
+    )
+    p.add_argument(
         "--prefix-sharing",
         choices=["on", "off"],
         default=d.prefix_sharing,
@@ -114,4 +144,23 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if not args.backbone and not args.init_model:
         raise ValueError("give --backbone (an SFT model) or --init-model (a reward model directory)")
     kw["backbone"] = args.backbone or ""
-    return TrainConfig(**kw)
+    cfg = TrainConfig(**kw)
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse knob values and combinations that cannot work, naming the flag and what is allowed."""
+    for name in ("head_dropout", "label_smoothing"):
+        v = getattr(cfg, name)
+        if not 0 <= v < (1 if name == "head_dropout" else 0.5):
+            allowed = "[0, 1)" if name == "head_dropout" else "[0, 0.5)"
+            raise ValueError(f"--{name.replace('_', '-')} is {v}; it must lie in {allowed}")
+    if cfg.weight_decay < 0:
+        raise ValueError(f"--weight-decay is {cfg.weight_decay}; it must be >= 0")
+    if cfg.label_smoothing and cfg.loss != "pairwise":
+        raise ValueError(f"--label-smoothing applies to --loss pairwise; --loss is {cfg.loss}")
+    if cfg.early_stopping_patience < 0:
+        raise ValueError(f"--early-stopping-patience is {cfg.early_stopping_patience}; it must be >= 0")
+    if cfg.early_stopping_patience and not cfg.eval_every:
+        raise ValueError("--early-stopping-patience needs dev evaluations during training: give --eval-every N")

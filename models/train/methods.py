@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from models.reward_model import RewardModel
 from models.train.config import TrainConfig
@@ -73,11 +75,27 @@ def merge_method(model: Any, cfg: TrainConfig) -> None:
 
 
 def build_optimizer(model: RewardModel, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters: the head at `head_lr` (default 10 x lr), the body at `lr`."""
-    head_params = [p for p in model.head.parameters() if p.requires_grad]
-    head_ids = {id(p) for p in head_params}
-    body_params = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
-    groups: list[dict[str, Any]] = [{"params": head_params, "lr": cfg.head_lr or cfg.lr * 10}]
-    if body_params:
-        groups.append({"params": body_params, "lr": cfg.lr})
-    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    """AdamW over the trainable parameters: the head at `head_lr` (default 10 x lr), the body at `lr`;
+    `weight_decay` on matrices only (biases and norm weights are not pulled toward zero)."""
+    head_ids = {id(p) for p in model.head.parameters()}
+    head_lr = cfg.head_lr or cfg.lr * 10
+    groups: list[dict[str, Any]] = []
+    for in_head, lr in ((True, head_lr), (False, cfg.lr)):
+        params = [p for p in model.parameters() if p.requires_grad and (id(p) in head_ids) == in_head]
+        for decay in (True, False):
+            chosen = [p for p in params if (p.ndim >= 2) == decay]
+            if chosen:
+                groups.append({"params": chosen, "lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0})
+    return torch.optim.AdamW(groups)
+
+
+def add_head_dropout(model: RewardModel, p: float) -> RemovableHandle | None:
+    """Dropout with probability p on the head's input (the pooled last-token state) in training mode,
+    on every path that reaches the head (plain, shared-prefix, frozen cache); none in eval mode."""
+    if not p:
+        return None
+
+    def hook(head: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return (F.dropout(args[0], p, head.training), *args[1:])
+
+    return model.head.register_forward_pre_hook(hook)

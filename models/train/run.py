@@ -6,13 +6,14 @@ import argparse
 import logging
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from models.backbone import auto_dtype
+from models.backbone import auto_dtype, default_home, sha256_file
 from models.data import ReadStats, read_files, split_dev
 from models.evaluate import EncodedExample, encode_examples
 from models.formatting import Formatter
@@ -23,7 +24,7 @@ from models.train.checkpoint import remove_checkpoint
 from models.train.config import TrainConfig, config_from_args
 from models.train.distributed import Distributed
 from models.train.loop import Loop, LoopResult
-from models.train.methods import apply_method, merge_method, use_frozen_cache
+from models.train.methods import add_head_dropout, apply_method, merge_method, use_frozen_cache
 from models.train.scorer import Scorer, evaluate_dev
 from models.trained import save_trained, trained_tensors
 
@@ -68,25 +69,72 @@ def load_data(cfg: TrainConfig, formatter: Formatter) -> TrainData:
     return TrainData(encode_examples(formatter, train_ex), encode_examples(formatter, dev_ex), read_stats)
 
 
+def balanced_order(groups: Sequence[EncodedExample], seed: int) -> list[int]:
+    """Indices into `groups` in which every subset (HH's four, OASST, ...) appears as often as the
+    largest one: smaller subsets' prompts repeat whole, then a seeded sample makes up the rest."""
+    by_subset: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_subset.setdefault(g.example.subset, []).append(i)
+    most = max(len(v) for v in by_subset.values())
+    rng = random.Random(seed)
+    out: list[int] = []
+    for name in sorted(by_subset):
+        idx = by_subset[name]
+        out += idx * (most // len(idx)) + sorted(rng.sample(idx, most % len(idx)))
+    return out
+
+
+def build_batches(cfg: TrainConfig, groups: Sequence[EncodedExample]) -> list[list[int]]:
+    """Micro-batches of group indices under the token budget (with --balance-subsets over the
+    balanced order, so a repeated prompt is a repeated index and reuses its cached states)."""
+    if not cfg.balance_subsets:
+        return make_batches(groups, cfg.batch_tokens)
+    order = balanced_order(groups, cfg.seed)
+    log.info("balanced subsets: %d prompts become %d per epoch", len(groups), len(order))
+    return [[order[k] for k in b] for b in make_batches([groups[i] for i in order], cfg.batch_tokens)]
+
+
 def make_scorer(cfg: TrainConfig, model: RewardModel, pad_id: int, dist: Distributed, data: TrainData) -> Scorer:
     """The scorer for this run: through DDP with several processes, with shared prompt prefixes when
-    asked, and with the frozen bottom layers computed once when the method allows it."""
+    asked, and with the frozen bottom layers computed once (or read from --cache-dir) when the method
+    allows it."""
     amp_name = auto_dtype(dist.device) if cfg.dtype == "auto" else cfg.dtype
-    scorer = Scorer(dist.wrap(model), model, pad_id, dist.device, torch.bfloat16 if amp_name == "bfloat16" else None)
+    amp = torch.bfloat16 if amp_name == "bfloat16" else None
+    scorer = Scorer(dist.wrap(model), model, pad_id, dist.device, amp)
     scorer.prefix_sharing = cfg.prefix_sharing == "on" and dist.world == 1
     if use_frozen_cache(cfg, model, dist.world):
+        from models.frozen_cache import frozen_fingerprint
+
         t_cache = time.time()
-        scorer.build_cache([data.train, data.dev], cfg.top_n, cfg.batch_tokens * 2)
+        cache_dir = None if cfg.cache_dir == "none" else Path(cfg.cache_dir or default_home() / "frozen-cache")
+        key = {
+            "frozen_weights": frozen_fingerprint(model, cfg.top_n),
+            "data": sorted(sha256_file(Path(p)) for p in cfg.data),
+            "max_length": cfg.max_length,
+        }
+        store = cfg.cache_dtype if cfg.cache_dtype != "auto" else amp_name
+        computed = scorer.build_cache(
+            [data.train, data.dev],
+            cfg.top_n,
+            cfg.batch_tokens * 2,
+            cache_dir=cache_dir,
+            key=key,
+            dtype=getattr(torch, store),
+        )
         log.info(
-            "cached the frozen bottom layers' output for %d sequences in %.0f s",
+            "frozen bottom layers' output for %d sequences ready in %.0f s (%d computed, stored as %s)",
             sum(len(g.seqs) for g in data.train) + sum(len(g.seqs) for g in data.dev),
             time.time() - t_cache,
+            computed,
+            store,
         )
     return scorer
 
 
 def train(cfg: TrainConfig) -> Path:
     dist = Distributed.start(cfg.device)
+    if cfg.early_stopping_patience and dist.world > 1:
+        raise ValueError("--early-stopping-patience works on one process (only rank 0 evaluates); run without torchrun")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     out = Path(cfg.out)
@@ -105,7 +153,8 @@ def train(cfg: TrainConfig) -> Path:
     apply_method(model, cfg)
     model.to(dist.device)
     model.train()
-    batches = dist.shard(make_batches(data.train, cfg.batch_tokens))
+    head_dropout = add_head_dropout(model, cfg.head_dropout)
+    batches = dist.shard(build_batches(cfg, data.train))
     scorer = make_scorer(cfg, model, tok.pad_token_id, dist, data)
     loop = Loop(cfg, model, scorer, (data.train, data.dev), batches, dist.is_main)
     if cfg.resume:
@@ -116,14 +165,18 @@ def train(cfg: TrainConfig) -> Path:
     seconds = round(time.time() - t_start, 1)
     if result.halted or not dist.end_training():
         return out
+    if head_dropout is not None:
+        head_dropout.remove()
     scorer.fwd = model  # no DDP collectives from here on: only rank 0 evaluates and saves
     changed = sum(int(not torch.equal(before[n], p.detach())) for n, p in model.named_parameters() if n in before)
-    record = {
+    record: dict[str, Any] = {
         "trainable_parameters": sum(p.numel() for p in loop.trainable),
         "trainable_tensors_changed": changed,
         "trainable_tensors": len(before),
         "seconds": seconds,
     }
+    if result.early_stopping is not None:
+        record["early_stopping"] = result.early_stopping
     finish(cfg, model, tok, scorer, data, result, record)
     dist.close()
     remove_checkpoint(out)

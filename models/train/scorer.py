@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -15,6 +16,9 @@ from models.losses import centering_loss, listwise_loss, pair_accuracy, pairwise
 from models.reward_model import RewardModel, collate
 from models.train.batches import Batch, build_batch, make_batches
 from models.train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from models.frozen_cache import Features
 
 
 def _in_order(pieces: Sequence[torch.Tensor], order: Sequence[int]) -> torch.Tensor:
@@ -30,7 +34,8 @@ class Scorer:
         self, fwd: nn.Module, model: RewardModel, pad_id: int, device: torch.device, amp: torch.dtype | None
     ) -> None:
         self.fwd, self.model, self.pad_id, self.device, self.amp = fwd, model, pad_id, device, amp
-        self.cache: dict[int, list[list[torch.Tensor]]] = {}  # id(groups list) -> per group, per response
+        # id(groups list) -> (states by flat response index, first flat index of each group)
+        self.cache: dict[int, tuple[Features, list[int]]] = {}
         self.n_top = 0
         self.prefix_sharing = False  # run each prompt once for all its responses (KV cache, gradients flow)
         self.shared_sequences = 0  # how many sequences took the shared-prefix path
@@ -38,28 +43,52 @@ class Scorer:
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         return torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None)
 
-    def build_cache(self, groups_lists: Sequence[Sequence[EncodedExample]], n_top: int, batch_tokens: int) -> None:
-        from models.frozen_cache import frozen_features
+    def build_cache(
+        self,
+        groups_lists: Sequence[Sequence[EncodedExample]],
+        n_top: int,
+        batch_tokens: int,
+        *,
+        cache_dir: Path | None = None,
+        key: dict[str, Any] | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> int:
+        """Frozen bottom layers' states of every response of each groups list, from `cache_dir` when it
+        holds them (see models.frozen_cache.cached_features); returns how many sequences were computed."""
+        from models.frozen_cache import cached_features
 
         self.n_top = n_top
+        computed = 0
         for groups in groups_lists:
             if id(groups) in self.cache:
                 continue
             flat = [s for g in groups for s in g.seqs]
-            feats = frozen_features(self.model, flat, n_top, self.pad_id, batch_tokens)
-            per_group, k = [], 0
+            with self.autocast():
+                feats, n = cached_features(
+                    self.model,
+                    flat,
+                    n_top,
+                    self.pad_id,
+                    cache_dir=cache_dir,
+                    key=key or {},
+                    dtype=dtype,
+                    batch_tokens=batch_tokens,
+                )
+            starts = [0]
             for g in groups:
-                per_group.append(feats[k : k + len(g.seqs)])
-                k += len(g.seqs)
-            self.cache[id(groups)] = per_group
+                starts.append(starts[-1] + len(g.seqs))
+            self.cache[id(groups)] = (feats, starts)
+            computed += n
+        return computed
 
     def rewards(self, groups: Sequence[EncodedExample], batch: Batch) -> torch.Tensor:
         if id(groups) in self.cache:
             from models.frozen_cache import rewards_from_features
 
-            feats = self.cache[id(groups)]
+            feats, starts = self.cache[id(groups)]
             with self.autocast():
-                return rewards_from_features(self.model, [feats[g][j] for g, j in batch.keys], self.n_top).float()
+                states = [feats[starts[g] + j] for g, j in batch.keys]
+                return rewards_from_features(self.model, states, self.n_top).float()
         if self.prefix_sharing:
             return self._shared_rewards(batch)
         with self.autocast():
@@ -102,7 +131,8 @@ def batch_loss(rewards: torch.Tensor, batch: Batch, cfg: TrainConfig) -> tuple[t
     better, worse = batch.tensor("better", dev), batch.tensor("worse", dev)
     if cfg.loss == "pairwise":
         margin = batch.tensor("margin", dev, torch.float32)
-        loss, acc = pairwise_loss(rewards, better, worse, batch.tensor("pair_group", dev), margin)
+        group = batch.tensor("pair_group", dev)
+        loss, acc = pairwise_loss(rewards, better, worse, group, margin, label_smoothing=cfg.label_smoothing)
     else:
         loss = listwise_loss(rewards, batch.tensor("ranks", dev), batch.tensor("resp_group", dev))
         acc = pair_accuracy(rewards, better, worse)
