@@ -162,3 +162,18 @@ def test_bad_regularisation_values_are_named(extra: list[str], message: str) -> 
     with pytest.raises(ValueError) as err:
         config_from_args(args)
     assert message in str(err.value)
+
+
+def test_early_stopping_state_survives_a_kill_and_resume(tmp_path: Path, llama_dir: Path) -> None:
+    data = synthetic(tmp_path / "syn.jsonl", 80)
+    common = ["--method", "top-n", "--top-n", "1", "--lr", "3e-3", "--max-steps", "10", "--eval-every", "2"]
+    common += ["--early-stopping-patience", "50", "--save-every", "4"]
+    full = _train(llama_dir, data, tmp_path / "a", *common)
+    part = tmp_path / "b"
+    _train(llama_dir, data, part, *common, "--halt-after", "6")  # last checkpoint: step 4
+    state = json.loads((part / ".checkpoint" / "state.json").read_text())["extra"]
+    assert state["best_step"] in (2, 4) and (part / ".checkpoint" / "extra.safetensors").is_file()
+    _train(llama_dir, data, part, *common, "--resume")
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (full, part))
+    assert a["training"]["early_stopping"] == b["training"]["early_stopping"]
+    assert a["dev"]["accuracy"] == b["dev"]["accuracy"]
