@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -199,12 +200,17 @@ def weights_fingerprint(path: str | Path) -> str:
     give equal prints whatever the header order or the library version that wrote the file."""
     from safetensors import safe_open
 
-    h = hashlib.sha256()
     with safe_open(str(path), framework="pt") as f:
-        for k in sorted(f.keys()):
-            t = f.get_tensor(k).contiguous()
-            h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return tensors_fingerprint((k, f.get_tensor(k)) for k in sorted(f.keys()))
+
+
+def tensors_fingerprint(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """sha256 over (name, dtype, shape, raw bytes) of each tensor, in the order given."""
+    h = hashlib.sha256()
+    for k, t in named:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -12,6 +12,7 @@ def pairwise_loss(
     worse: torch.Tensor,
     group: torch.Tensor,
     margin: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """InstructGPT's pairwise loss over all K-choose-2 pairs of each prompt.
 
@@ -20,6 +21,9 @@ def pairwise_loss(
         better, worse: (P,) response indices into `rewards` of each pair's better and worse side.
         group: (P,) the prompt (batch element) each pair belongs to, 0..G-1.
         margin: (P,) optional margins: loss is -log sigmoid(r_w - r_l - margin).
+        label_smoothing: eps in [0, 0.5): the Bradley-Terry target P(better wins) is 1 - eps, so each
+            pair's loss is -(1 - eps) log sigmoid(d) - eps log sigmoid(-d), d = r_w - r_l - margin
+            (its least value is at d = log((1 - eps) / eps), so rewards stop drifting apart).
     Returns:
         (loss, accuracy): the loss averages pairs within each prompt, then prompts (each prompt
         weighs the same, the 1 / C(K, 2) of InstructGPT); accuracy is the fraction of pairs with
@@ -27,13 +31,21 @@ def pairwise_loss(
     """
     diff = rewards[better] - rewards[worse]  # (P,)
     m = margin if margin is not None else torch.zeros_like(diff)
-    per_pair = -F.logsigmoid(diff - m)  # (P,)
+    d = diff - m  # (P,)
+    per_pair = -F.logsigmoid(d)  # (P,)
+    if label_smoothing:
+        per_pair = (1 - label_smoothing) * per_pair - label_smoothing * F.logsigmoid(-d)
     g = int(group.max().item()) + 1
     sums = torch.zeros(g, dtype=per_pair.dtype, device=per_pair.device).index_add(0, group, per_pair)
     counts = torch.zeros(g, dtype=per_pair.dtype, device=per_pair.device).index_add(0, group, torch.ones_like(per_pair))
     loss = (sums / counts.clamp(min=1)).mean()
-    acc = ((diff > 0).float() + 0.5 * (diff == 0).float()).mean()
-    return loss, acc.detach()
+    return loss, pair_accuracy(rewards, better, worse)
+
+
+def pair_accuracy(rewards: torch.Tensor, better: torch.Tensor, worse: torch.Tensor) -> torch.Tensor:
+    """Fraction of pairs with r_better > r_worse, ties counting 0.5. (N,), (P,), (P,) -> scalar, detached."""
+    diff = (rewards[better] - rewards[worse]).detach()  # (P,)
+    return ((diff > 0).float() + 0.5 * (diff == 0).float()).mean()
 
 
 def listwise_loss(rewards: torch.Tensor, ranks: torch.Tensor, group: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,8 @@ def _train(llama_dir: Path, data: Path, out: Path, *extra: str) -> Path:
         "0.2",
         "--seed",
         "0",
+        "--cache-dir",
+        str(out.parent / "frozen-cache"),  # not the user's RMSERVE_HOME
         *extra,
     ]
     assert cli(args) == 0

@@ -1,0 +1,100 @@
+"""Checkpoints for `--resume`: trainable tensors, optimizer and scheduler state, RNG, step and history,
+written to OUT/.checkpoint atomically (a temporary folder renamed over the old one)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from models.train.config import TrainConfig
+
+CHECKPOINT_DIR = ".checkpoint"
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train, detached float32 copies on the CPU (copies even where the parameter
+    already is one: a kept state must not follow later steps)."""
+    return {
+        n: p.detach().to("cpu", torch.float32, copy=True).contiguous()
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Copy `state` (from `trainable_state`) into the model's parameters; `what` names the source in errors."""
+    params = dict(model.named_parameters())
+    missing = [n for n in state if n not in params]
+    if missing:
+        raise ValueError(f"{what} parameters {missing[:3]} do not exist in this model (other --method?)")
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
+
+
+def save_checkpoint(
+    out: Path,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    step: int,
+    history: list[dict[str, Any]],
+    cfg: TrainConfig,
+    extra: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None,
+) -> None:
+    """`extra`: (JSON-able state, tensors) of another part of the run (early stopping's best weights)."""
+    ck = out / CHECKPOINT_DIR
+    tmp = out / (CHECKPOINT_DIR + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optimizer.pt")
+    save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    state = {"step": step, "history": history, "config": asdict(cfg), "extra": extra[0] if extra else None}
+    if extra and extra[1]:
+        save_file(extra[1], str(tmp / "extra.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(state))
+    if ck.exists():
+        shutil.rmtree(ck)
+    os.replace(tmp, ck)
+
+
+def load_checkpoint(
+    out: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any
+) -> tuple[int, list[dict[str, Any]]]:
+    """Restore what `save_checkpoint` wrote; returns (step, history)."""
+    ck = out / CHECKPOINT_DIR
+    if not (ck / "state.json").is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ck}")
+    state = json.loads((ck / "state.json").read_text())
+    load_trainable_state(model, load_file(str(ck / "trainable.safetensors")), "--resume: checkpoint")
+    blob = torch.load(ck / "optimizer.pt", weights_only=True, map_location="cpu")
+    opt.load_state_dict(blob["optimizer"])
+    sched.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(load_file(str(ck / "rng.safetensors"))["cpu"])
+    return int(state["step"]), list(state["history"])
+
+
+def load_checkpoint_extra(out: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """The `extra` that `save_checkpoint` was given, or None."""
+    ck = out / CHECKPOINT_DIR
+    state = json.loads((ck / "state.json").read_text()).get("extra")
+    if state is None:
+        return None
+    tensors = load_file(str(ck / "extra.safetensors")) if (ck / "extra.safetensors").is_file() else {}
+    return state, tensors
+
+
+def remove_checkpoint(out: Path) -> None:
+    ck = out / CHECKPOINT_DIR
+    if ck.exists():
+        shutil.rmtree(ck)

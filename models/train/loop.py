@@ -1,0 +1,199 @@
+"""The training loop: optimizer steps over the micro-batches in seeded epoch order, with dev evaluation
+and checkpoints along the way, resumable from the last checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.evaluate import EncodedExample
+from models.reward_model import RewardModel
+from models.train.batches import build_batch, lr_lambda, micro_batch_stream
+from models.train.checkpoint import (
+    load_checkpoint,
+    load_checkpoint_extra,
+    load_trainable_state,
+    save_checkpoint,
+    trainable_state,
+)
+from models.train.config import TrainConfig
+from models.train.methods import build_optimizer
+from models.train.scorer import Scorer, batch_loss, evaluate_dev
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    history: list[dict[str, Any]]  # one record per step: loss, accuracy, lr (+ dev metrics when evaluated)
+    tokens_per_s: float  # real (unpadded) training tokens per second of the loop
+    halted: bool  # stopped by --halt-after, like a kill: no final model
+    early_stopping: dict[str, Any] | None = None  # best step and accuracy, where training stopped
+
+
+class EarlyStopping:
+    """Keeps the trainable weights of the best dev accuracy so far and says when `patience`
+    evaluations in a row brought no better one."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.best: float | None = None
+        self.best_step = 0
+        self.since_best = 0
+        self.weights: dict[str, torch.Tensor] = {}
+
+    def update(self, model: torch.nn.Module, accuracy: float, step: int) -> bool:
+        """Record one evaluation; True when training should stop."""
+        if self.best is None or accuracy > self.best:
+            self.best, self.best_step, self.since_best = accuracy, step, 0
+            self.weights = trainable_state(model)
+        else:
+            self.since_best += 1
+        return self.since_best >= self.patience
+
+    def restore(self, model: torch.nn.Module) -> None:
+        if self.weights:
+            load_trainable_state(model, self.weights, "early stopping's best weights")
+
+    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        return {"best": self.best, "best_step": self.best_step, "since_best": self.since_best}, self.weights
+
+    def load(self, state: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
+        self.best, self.best_step, self.since_best = state["best"], state["best_step"], state["since_best"]
+        self.weights = weights
+
+
+class Loop:
+    """Optimizer, schedule and steps of one run over `batches` (lists of indices into `train`)."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: RewardModel,
+        scorer: Scorer,
+        data: tuple[Sequence[EncodedExample], Sequence[EncodedExample]],
+        batches: list[list[int]],
+        is_main: bool,
+    ) -> None:
+        self.cfg, self.model, self.scorer, self.batches, self.is_main = cfg, model, scorer, batches, is_main
+        self.train, self.dev = data
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.opt = build_optimizer(model, cfg)
+        steps_per_epoch = math.ceil(len(batches) / cfg.grad_accum)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(self.total_steps, cfg.warmup))
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.tokens_seen = 0
+        self.early = EarlyStopping(cfg.early_stopping_patience) if cfg.early_stopping_patience else None
+        self.stop = False  # set by early stopping
+
+    def resume(self, out: Path) -> None:
+        self.step, self.history = load_checkpoint(out, self.model, self.opt, self.sched)
+        extra = load_checkpoint_extra(out)
+        if self.early is not None and extra is not None:
+            self.early.load(*extra)
+        log.info("resumed at step %d", self.step)
+
+    def run(self, out: Path) -> LoopResult:
+        cfg = self.cfg
+        stream = micro_batch_stream(len(self.batches), cfg.epochs if not cfg.max_steps else 1e9, cfg.seed)
+        for _ in range(self.step * cfg.grad_accum):
+            next(stream)
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            disable=not self.is_main,
+            desc="train",
+            dynamic_ncols=True,
+            mininterval=2.0,
+        )
+        t_loop = time.time()
+        halted = False
+        while self.step < self.total_steps:
+            rec = self._optimizer_step(stream)
+            if rec is None:
+                break
+            tps = self.tokens_seen / max(1e-9, time.time() - t_loop)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['accuracy']:.3f}", tok_s=f"{tps:.0f}")
+            bar.update(1)
+            self._after_step(rec, out)
+            if self.stop:
+                break
+            if cfg.halt_after and self.step >= cfg.halt_after:
+                log.warning("halting after step %d as asked (--halt-after)", self.step)
+                halted = True
+                break
+        bar.close()
+        tokens_per_s = self.tokens_seen / max(1e-9, time.time() - t_loop)
+        return LoopResult(self.step, self.history, tokens_per_s, halted, None if halted else self._keep_best())
+
+    def _keep_best(self) -> dict[str, Any] | None:
+        """With early stopping: put the best evaluation's weights back; what happened, for the card."""
+        if self.early is None or self.early.best is None:
+            return None
+        self.early.restore(self.model)
+        log.info(
+            "early stopping: %s at step %d; keeping step %d (dev accuracy %.4f)",
+            "stopped" if self.stop else "ran to the end",
+            self.step,
+            self.early.best_step,
+            self.early.best,
+        )
+        return {"best_step": self.early.best_step, "best_accuracy": self.early.best, "stopped": self.stop}
+
+    def _optimizer_step(self, stream: Iterator[tuple[int, int]]) -> dict[str, Any] | None:
+        """Forward and backward over `grad_accum` micro-batches, then one optimizer step; None when
+        the stream has ended."""
+        cfg = self.cfg
+        self.opt.zero_grad(set_to_none=True)
+        losses, accs = [], []
+        for _ in range(cfg.grad_accum):
+            try:
+                _epoch, b = next(stream)
+            except StopIteration:
+                break
+            batch = build_batch(self.train, self.batches[b])
+            loss, acc = batch_loss(self.scorer.rewards(self.train, batch), batch, cfg)
+            (loss / cfg.grad_accum).backward()
+            losses.append(loss.item())
+            accs.append(acc.item())
+            self.tokens_seen += batch.real_tokens
+        if not losses:
+            return None
+        torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        return {
+            "step": self.step,
+            "loss": sum(losses) / len(losses),
+            "accuracy": sum(accs) / len(accs),
+            "lr": self.sched.get_last_lr()[-1],
+        }
+
+    def _after_step(self, rec: dict[str, Any], out: Path) -> None:
+        """Dev evaluation and checkpoint when due (not at the last step, where the run's end does both,
+        except that early stopping evaluates there too: the last weights compete with the best)."""
+        cfg, step = self.cfg, self.step
+        last = step >= self.total_steps
+        due = cfg.eval_every and self.dev and (step % cfg.eval_every == 0 or (last and self.early is not None))
+        if self.is_main and due and (not last or self.early is not None):
+            rec["dev"] = evaluate_dev(self.model, self.dev, self.scorer, cfg.batch_tokens)
+            log.info("step %d: dev accuracy %.4f", step, rec["dev"]["accuracy"] or 0.0)
+            if self.early is not None:
+                self.stop = self.early.update(self.model, rec["dev"]["accuracy"] or 0.0, step)
+        self.history.append(rec)
+        if self.is_main and cfg.save_every and step % cfg.save_every == 0 and not last and not self.stop:
+            extra = self.early.state() if self.early is not None else None
+            save_checkpoint(out, self.model, self.opt, self.sched, step, self.history, cfg, extra)

@@ -1,0 +1,162 @@
+"""Batch -> rewards (plain, from the frozen-layer cache, or with shared prompt prefixes), the loss on
+them, and the dev evaluation."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from models.evaluate import EncodedExample, metrics_from_scores, score_encoded
+from models.losses import centering_loss, listwise_loss, pair_accuracy, pairwise_loss
+from models.reward_model import RewardModel, collate
+from models.train.batches import Batch, build_batch, make_batches
+from models.train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from models.frozen_cache import Features
+
+
+def _in_order(pieces: Sequence[torch.Tensor], order: Sequence[int]) -> torch.Tensor:
+    """Concatenated pieces whose rows are the sequences `order` names, put back in sequence order."""
+    vals = torch.cat(list(pieces))  # (N,) in `order`
+    return vals[torch.argsort(torch.tensor(order, device=vals.device))]
+
+
+class Scorer:
+    """Batch -> rewards, either through the whole model or from cached frozen-layer states."""
+
+    def __init__(
+        self, fwd: nn.Module, model: RewardModel, pad_id: int, device: torch.device, amp: torch.dtype | None
+    ) -> None:
+        self.fwd, self.model, self.pad_id, self.device, self.amp = fwd, model, pad_id, device, amp
+        # id(groups list) -> (states by flat response index, first flat index of each group)
+        self.cache: dict[int, tuple[Features, list[int]]] = {}
+        self.n_top = 0
+        self.prefix_sharing = False  # run each prompt once for all its responses (KV cache, gradients flow)
+        self.shared_sequences = 0  # how many sequences took the shared-prefix path
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        return torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None)
+
+    def build_cache(
+        self,
+        groups_lists: Sequence[Sequence[EncodedExample]],
+        n_top: int,
+        batch_tokens: int,
+        *,
+        cache_dir: Path | None = None,
+        key: dict[str, Any] | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> int:
+        """Frozen bottom layers' states of every response of each groups list, from `cache_dir` when it
+        holds them (see models.frozen_cache.cached_features); returns how many sequences were computed."""
+        from models.frozen_cache import cached_features
+
+        self.n_top = n_top
+        computed = 0
+        for groups in groups_lists:
+            if id(groups) in self.cache:
+                continue
+            flat = [s for g in groups for s in g.seqs]
+            with self.autocast():
+                feats, n = cached_features(
+                    self.model,
+                    flat,
+                    n_top,
+                    self.pad_id,
+                    cache_dir=cache_dir,
+                    key=key or {},
+                    dtype=dtype,
+                    batch_tokens=batch_tokens,
+                )
+            starts = [0]
+            for g in groups:
+                starts.append(starts[-1] + len(g.seqs))
+            self.cache[id(groups)] = (feats, starts)
+            computed += n
+        return computed
+
+    def rewards(self, groups: Sequence[EncodedExample], batch: Batch) -> torch.Tensor:
+        if id(groups) in self.cache:
+            from models.frozen_cache import rewards_from_features
+
+            feats, starts = self.cache[id(groups)]
+            with self.autocast():
+                states = [feats[starts[g] + j] for g, j in batch.keys]
+                return rewards_from_features(self.model, states, self.n_top).float()
+        if self.prefix_sharing:
+            return self._shared_rewards(batch)
+        with self.autocast():
+            return self._plain(batch.seqs)
+
+    def _plain(self, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
+        """(N,) rewards through the whole model. On one process the sequences run in length-sorted
+        chunks whose padding stays within 1.3x of their real tokens; under DDP in one pass (its
+        reducer expects one forward per backward)."""
+        from models.prefix import length_chunks
+
+        chunks = length_chunks([len(s) for s in seqs]) if self.fwd is self.model else [list(range(len(seqs)))]
+        pieces, order = [], []
+        for chunk in chunks:
+            ids, mask = collate([seqs[i] for i in chunk], self.pad_id, "right", self.device)
+            pieces.append(self.fwd(ids, mask).float())
+            order.extend(chunk)
+        return _in_order(pieces, order)
+
+    def _shared_rewards(self, batch: Batch) -> torch.Tensor:
+        """Sequences of the batch that share a token prefix (a prompt's K responses) run it once, their
+        own tokens on its KV cache; the others go through the plain batched pass."""
+        from models.prefix import group_shared_prefixes, grouped_prefix_rewards
+
+        shared, plain = group_shared_prefixes(batch.seqs, min_prefix=16, min_saved=16)
+        order = [i for _, idx in shared for i in idx]
+        self.shared_sequences += len(order)
+        with self.autocast():
+            parts = [(batch.seqs[idx[0]][:plen], [batch.seqs[i][plen:] for i in idx]) for plen, idx in shared]
+            pieces = [r.float() for r in grouped_prefix_rewards(self.model, parts)]
+            if plain:
+                pieces.append(self._plain([batch.seqs[p] for p in plain]))
+                order.extend(plain)
+        return _in_order(pieces, order)
+
+
+def batch_loss(rewards: torch.Tensor, batch: Batch, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, pair accuracy) of one micro-batch's (N,) rewards under `cfg.loss` (+ the centering term)."""
+    dev = rewards.device
+    better, worse = batch.tensor("better", dev), batch.tensor("worse", dev)
+    if cfg.loss == "pairwise":
+        margin = batch.tensor("margin", dev, torch.float32)
+        group = batch.tensor("pair_group", dev)
+        loss, acc = pairwise_loss(rewards, better, worse, group, margin, label_smoothing=cfg.label_smoothing)
+    else:
+        loss = listwise_loss(rewards, batch.tensor("ranks", dev), batch.tensor("resp_group", dev))
+        acc = pair_accuracy(rewards, better, worse)
+    if cfg.center_coef:
+        loss = loss + centering_loss(rewards, cfg.center_coef)
+    return loss, acc
+
+
+def evaluate_dev(
+    model: RewardModel, dev: Sequence[EncodedExample], scorer: Scorer, batch_tokens: int
+) -> dict[str, Any]:
+    """Dev metrics (models.evaluate.metrics_from_scores): from the frozen cache when it holds the dev
+    set, else through the model exactly as `rmserve eval` scores it."""
+    was_training = model.training
+    model.eval()
+    if id(dev) in scorer.cache:
+        per: dict[int, list[float]] = {}
+        with torch.no_grad():
+            for idx in make_batches(dev, batch_tokens * 2):
+                b = build_batch(dev, idx)
+                for (g, _j), r in zip(b.keys, scorer.rewards(dev, b).tolist(), strict=True):
+                    per.setdefault(g, []).append(r)
+        scores = [per[g] for g in range(len(dev))]
+    else:
+        scores = score_encoded(model, dev, scorer.pad_id, batch_tokens=batch_tokens * 2, autocast_dtype=scorer.amp)
+    model.train(was_training)
+    return metrics_from_scores([g.example for g in dev], scores)
