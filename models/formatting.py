@@ -122,8 +122,8 @@ def check_text(text: Any, param: str) -> str:
     return text
 
 
-def normalize_prompt(prompt: Prompt, param: str = "prompt") -> list[Message]:
-    """A string becomes one user turn; a message list is checked (roles, content types)."""
+def normalize_prompt(prompt: Prompt, param: str = "prompt", roles: Sequence[str] = ROLES) -> list[Message]:
+    """A string becomes one user turn; a message list is checked (roles among `roles`, content types)."""
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
     if not isinstance(prompt, Sequence):
@@ -134,8 +134,11 @@ def normalize_prompt(prompt: Prompt, param: str = "prompt") -> list[Message]:
         if not isinstance(m, Mapping):
             raise FormattingError(f"{where} must be an object with 'role' and 'content'", where)
         role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise FormattingError(f"{where}.role is {role!r}; allowed roles are {', '.join(ROLES)}", where)
+        if role not in roles:
+            hint = "" if "tool" in roles or role != "tool" else " (this chat template has no tool role)"
+            raise FormattingError(
+                f"{where}.role is {role!r}; allowed roles are {', '.join(roles)}{hint}", f"{where}.role"
+            )
         if not isinstance(content, str):
             raise FormattingError(f"{where}.content must be a string", where)
         messages.append({"role": str(role), "content": content})
@@ -220,6 +223,9 @@ class Formatter:
         self.max_length = max_length
         self.truncation: Truncation = truncation
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
+        template = getattr(tokenizer, "chat_template", None)
+        has_tool = isinstance(template, str) and ("'tool'" in template or '"tool"' in template)
+        self.roles: tuple[str, ...] = (*ROLES, "tool") if has_tool else ROLES  # a tool turn only where rendered
         self.eot_token: str | None = tokenizer.eos_token
         self.eot_id: int | None = tokenizer.eos_token_id
         self._encode_template, self._encode_content = _encoders(tokenizer)
@@ -382,9 +388,9 @@ class Formatter:
             if self._is_templated(prompt):
                 messages = self._parse_prompt(_lstrip_any(prompt, self._pads), prompt_param)
             else:
-                messages = normalize_prompt(prompt, prompt_param)
+                messages = normalize_prompt(prompt, prompt_param, self.roles)
         else:
-            messages = normalize_prompt(prompt, prompt_param)
+            messages = normalize_prompt(prompt, prompt_param, self.roles)
         return self._encode_messages(messages, answer, param, prompt_param, truncation or self.truncation)
 
     def _encode_messages(

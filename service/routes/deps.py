@@ -10,8 +10,8 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, Request
 
 from service.engine import ScoringEngine
-from service.errors import InvalidRequest, NotReady, ServiceError
-from service.schemas import ErrorBody, Job
+from service.errors import NotReady, ServiceError
+from service.schemas import ErrorBody
 from service.state import ServiceState
 
 T = TypeVar("T")
@@ -70,28 +70,3 @@ def activate(scores: Sequence[float], on: bool | None) -> list[float]:
     """relevance_score: the raw reward, or sigmoid(reward) when the client asks (use_activation /
     TEI's raw_scores=false)."""
     return [sigmoid(s) for s in scores] if on else list(scores)
-
-
-def template_has_tool_role(engine: ScoringEngine) -> bool:
-    template = getattr(engine.formatter.tokenizer, "chat_template", None) or ""
-    return isinstance(template, str) and ("'tool'" in template or '"tool"' in template)
-
-
-def check_roles(engine: ScoringEngine, jobs: Sequence[Job]) -> None:
-    """A `tool` message is accepted only where the model's chat template has a tool role."""
-    if template_has_tool_role(engine):
-        return
-    seen: set[int] = set()
-    for job in jobs:
-        if not isinstance(job.prompt, list) or id(job.prompt) in seen:
-            continue
-        seen.add(id(job.prompt))
-        for i, m in enumerate(job.prompt):
-            if m["role"] == "tool":
-                param = f"{job.prompt_param}[{i}].role"
-                raise InvalidRequest(
-                    f"{param} is 'tool' but this model's chat template has no tool role; allowed roles are system, "
-                    "user and assistant (put the tool's output in a user turn)",
-                    param=param,
-                    code="unsupported_role",
-                )

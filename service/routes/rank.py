@@ -4,7 +4,7 @@ import math
 
 from fastapi import APIRouter, Request
 
-from service.routes.deps import ERRORS, EngineDep, check_roles, until_disconnected
+from service.routes.deps import ERRORS, EngineDep, until_disconnected
 from service.schemas import Ranked, RankRequest, RankResponse, Usage
 
 router = APIRouter(tags=["scoring"], responses=ERRORS)
@@ -27,7 +27,6 @@ async def rank(req: RankRequest, engine: EngineDep, request: Request) -> RankRes
     under Bradley-Terry; with return_pairwise, P(i better than j) = sigmoid(r_i - r_j)."""
     engine.check_normalize(req.normalize)
     jobs, count_param = req.jobs()
-    check_roles(engine, jobs)
     scored = await until_disconnected(request, engine.score(jobs, count_param))
     scores = engine.normalize(scored.scores, req.normalize)
     probs = softmax(scores, req.temperature)

@@ -441,3 +441,18 @@ def test_real_smollm2_tokenizer() -> None:
     assert inj.ids.count(im_start) == ref.ids.count(im_start) == 3
     prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert f.encode(prompt, "The capital of France is Paris.").ids == ref.ids
+
+
+def test_tool_role_only_where_the_template_renders_one(tokenizer: Any) -> None:
+    from tests.tiny import CHATML_TEMPLATE
+
+    msgs = [{"role": "user", "content": "Weather?"}, {"role": "tool", "content": "sunny"}]
+    with pytest.raises(FormattingError, match="no tool role") as e:
+        Formatter(tokenizer, 64).encode(msgs, "It is sunny.")
+    assert e.value.param == "prompt[1].role"
+    with_tool = make_tokenizer()
+    with_tool.chat_template = CHATML_TEMPLATE.replace(
+        "message['role']", "('tool' if message['role'] == 'tool' else message['role'])"
+    )
+    enc = Formatter(with_tool, 64).encode(msgs, "It is sunny.")
+    assert with_tool.decode(enc.ids).count("<|im_start|>tool\nsunny<|im_end|>") == 1
