@@ -95,7 +95,7 @@ def test_tei_rerank(client: TestClient, ours: list[float]) -> None:
     assert [x["text"] for x in got] == [ANSWERS[i] for i in order]
     raw = client.post("/rerank", json={"query": PROMPT, "texts": ANSWERS, "raw_scores": True}).json()
     assert [x["score"] for x in raw] == pytest.approx([ours[i] for i in order], abs=1e-5)
-    assert all(set(x) == {"index", "score"} for x in raw)  # no text unless return_text
+    assert all(set(x) == {"index", "score", "truncated"} for x in raw)  # no text unless return_text
     bad = client.post("/rerank", json={"query": PROMPT, "texts": "not a list"})
     assert bad.status_code == 422 and bad.json()["error"]["param"] == "texts"
 
