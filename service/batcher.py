@@ -111,6 +111,7 @@ class Batcher:
         self._outstanding_tokens = 0
         self._reserved_tokens = 0
         self._reserved_seqs = 0
+        self._last_pass_end = 0.0
 
     @property
     def tokens_ahead(self) -> int:
@@ -291,7 +292,12 @@ class Batcher:
                 finally:
                     self.busy = False
                 self.consecutive_failures = 0
-                self._measured(sum(len(s) for s in seqs), time.perf_counter() - t0)
+                # the drain rate, not the pass alone: from the previous pass's end (or this work's
+                # arrival, after idling) to this pass's end, so scheduling and batching overheads count
+                end = time.perf_counter()
+                since = max(self._last_pass_end, min(i.enqueued for i in live))
+                self._measured(sum(len(s) for s in seqs), end - since)
+                self._last_pass_end = end
                 if self._observer:
                     longest = max(len(s) for s in seqs)
                     self._observer.batch(

@@ -56,6 +56,7 @@ class ScoringEngine:
         self.metrics = metrics
         self.log_texts = log_texts
         self.chars_per_token = 3.0  # learned from what was formatted; cheap cost estimates before formatting
+        self._cpt_learned = False
 
     # -- one step from jobs to scores ------------------------------------------------------------
     async def score(
@@ -139,7 +140,9 @@ class ScoringEngine:
         pairs = [(_chars(j), len(e.ids)) for j, e in zip(jobs, encoded, strict=True) if not e.truncated]
         chars, tokens = sum(c for c, _ in pairs), sum(t for _, t in pairs)
         if chars and tokens:
-            self.chars_per_token = 0.8 * self.chars_per_token + 0.2 * max(1.0, chars / tokens)
+            seen = max(0.5, chars / tokens)  # the first observation replaces the prior
+            self.chars_per_token = 0.8 * self.chars_per_token + 0.2 * seen if self._cpt_learned else seen
+            self._cpt_learned = True
 
     def check_jobs(self, jobs: Sequence[Job], count_param: str, max_count: tuple[int, str] | None = None) -> None:
         """Every request limit, in one place: the count, and each text's length (each prompt once)."""

@@ -212,10 +212,10 @@ class TokenTimedRuntime:
 
 
 def test_overload_is_refused_by_projected_wait_never_504(rm_dir: Path) -> None:
-    """A fixed 200 tokens/s and a 1.5 s deadline: a burst of 24 requests is more than fits; the excess
+    """A fixed 100 tokens/s and a 3 s deadline: a burst of 24 requests is more than fits; the excess
     gets 429 at once with a Retry-After from the projection, and nothing reaches its deadline."""
-    settings = Settings(model=str(rm_dir), request_timeout_s=1.5, max_wait_ms=0)
-    with live_server(settings, runtime_wrapper=lambda rt: TokenTimedRuntime(rt, 0.005)) as url:
+    settings = Settings(model=str(rm_dir), request_timeout_s=3.0, max_wait_ms=0)
+    with live_server(settings, runtime_wrapper=lambda rt: TokenTimedRuntime(rt, 0.01)) as url:
         body = {"prompt": "How do I bake bread at home?", "responses": ["Knead the dough and bake it for an hour."]}
         assert httpx.post(url + "/v1/score", json=body).status_code == 200  # one pass measures the rate
 
@@ -231,7 +231,7 @@ def test_overload_is_refused_by_projected_wait_never_504(rm_dir: Path) -> None:
         out = asyncio.run(main())
         metrics = httpx.get(url + "/metrics").text
     codes = [c for c, _, _ in out]
-    assert 504 not in codes and set(codes) == {200, 429}, codes
+    assert 504 not in codes and set(codes) == {200, 429}, out
     refused = [(t, ra) for c, t, ra in out if c == 429]
-    assert all(t < 0.5 and ra is not None and int(ra) >= 1 for t, ra in refused), refused
+    assert all(t < 1.0 and ra is not None and int(ra) >= 1 for t, ra in refused), refused
     assert f'rmserve_failures_total{{cause="overloaded"}} {float(len(refused))}' in metrics
