@@ -187,8 +187,8 @@ class Loop:
         except that early stopping evaluates there too: the last weights compete with the best)."""
         cfg, step = self.cfg, self.step
         last = step >= self.total_steps
-        due = cfg.eval_every and self.dev and (step % cfg.eval_every == 0 or (last and self.early is not None))
-        if self.is_main and due and (not last or self.early is not None):
+        on_interval = bool(cfg.eval_every) and step % cfg.eval_every == 0 and not last
+        if self.is_main and self.dev and (on_interval or (last and self.early is not None)):
             rec["dev"] = evaluate_dev(self.model, self.dev, self.scorer, cfg.batch_tokens)
             log.info("step %d: dev accuracy %.4f", step, rec["dev"]["accuracy"] or 0.0)
             if self.early is not None:

@@ -21,7 +21,7 @@ from models.reward_model import RewardModel
 from models.train.batches import make_batches
 from models.train.card import normalization, write_card
 from models.train.checkpoint import remove_checkpoint
-from models.train.config import TrainConfig, config_from_args
+from models.train.config import TrainConfig, check_config, config_from_args
 from models.train.distributed import Distributed
 from models.train.loop import Loop, LoopResult
 from models.train.methods import add_head_dropout, apply_method, merge_method, use_frozen_cache
@@ -107,11 +107,15 @@ def make_scorer(cfg: TrainConfig, model: RewardModel, pad_id: int, dist: Distrib
 
         t_cache = time.time()
         cache_dir = None if cfg.cache_dir == "none" else Path(cfg.cache_dir or default_home() / "frozen-cache")
-        key = {
-            "frozen_weights": frozen_fingerprint(model, cfg.top_n),
-            "data": sorted(sha256_file(Path(p)) for p in cfg.data),
-            "max_length": cfg.max_length,
-        }
+        key = (
+            {
+                "frozen_weights": frozen_fingerprint(model, cfg.top_n),
+                "data": sorted(sha256_file(Path(p)) for p in cfg.data),
+                "max_length": cfg.max_length,
+            }
+            if cache_dir
+            else None
+        )
         store = cfg.cache_dtype if cfg.cache_dtype != "auto" else amp_name
         computed = scorer.build_cache(
             [data.train, data.dev],
@@ -132,6 +136,7 @@ def make_scorer(cfg: TrainConfig, model: RewardModel, pad_id: int, dist: Distrib
 
 
 def train(cfg: TrainConfig) -> Path:
+    check_config(cfg)
     dist = Distributed.start(cfg.device)
     if cfg.early_stopping_patience and dist.world > 1:
         raise ValueError("--early-stopping-patience works on one process (only rank 0 evaluates); run without torchrun")
