@@ -28,9 +28,10 @@ that the reward is read at. A reward is a function of (prompt, answer) alone, so
   parsed as an HH-RLHF transcript when it has `"\\n\\nHuman:"` and `"\\n\\nAssistant:"` turns (the
   answer is what follows the last `"\\n\\nAssistant:"`); otherwise it is scored as plain text: its
   stripped content then one end-of-turn token, no template.
-- **Templated prompt strings.** A prompt *string* given to `encode` that contains the template's
-  user or assistant marker is parsed as the templated prompt (the same parse as above), so
-  `encode(p, a) == encode_text(p + a, prompt=p)`. Any other string is one user turn.
+- **Templated prompt strings.** A prompt *string* given to `encode` that begins like the template's
+  conversations (its preamble, a system turn or a user turn; pads, bos and whitespace aside) is parsed
+  as the templated prompt (the same parse as above), so `encode(p, a) == encode_text(p + a, prompt=p)`.
+  Any other string, one that mentions a marker later on included, is one user turn (markers as text).
 - **Truncation keeps the question**, in linear time: each content is tokenized once and cuts are
   made by token counts. While the sequence is longer than `max_length`, the oldest turns are dropped
   (a leading system message stays; whole user-led turns, so roles still alternate) until only the
@@ -385,7 +386,7 @@ class Formatter:
         answer = check_text(response, param).strip()
         if isinstance(prompt, str):
             check_text(prompt, prompt_param)
-            if self._is_templated(prompt):
+            if self._starts_templated(prompt):
                 messages = self._parse_prompt(_lstrip_any(prompt, self._pads), prompt_param)
             else:
                 messages = normalize_prompt(prompt, prompt_param, self.roles)
@@ -469,6 +470,18 @@ class Formatter:
         return Encoded(out, prompt_len, truncated)
 
     # -- templated text -----------------------------------------------------------------------------
+    def _starts_templated(self, text: str) -> bool:
+        """True when `text` begins (pads, bos and whitespace aside) like the template's conversations: its
+        preamble, a system turn or a user turn. A prompt string that only mentions a marker later on is
+        plain text (one user turn), so a question about ChatML can still be asked."""
+        m = self.markers
+        if m is None:
+            return False
+        skip = [*self._pads, self.tokenizer.bos_token or ""]
+        core = _lstrip_any(text.strip(), skip)
+        starts = [_lstrip_any(x, skip).strip() for x in (m.open_user, m.open_system or "", m.preamble)]
+        return any(x and core.startswith(x) for x in starts)
+
     def _is_templated(self, text: str) -> bool:
         m = self.markers
         return m is not None and (m.open_user in text or m.open_assistant in text)

@@ -302,17 +302,20 @@ class AsyncRewardClient(_Base):
 
 def content_text(content: Any) -> str:
     """A message's content as text: a string as is, None or missing as "", a list of parts as its text
-    parts joined (image and other parts are left out)."""
+    parts joined. Raises ValueError for an image or other non-text part, as the server answers 422 for
+    one: a reward model that reads text must not score a prompt with part of it silently left out."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     if isinstance(content, Sequence):
-        return "".join(
-            str(p.get("text", "")) if isinstance(p, Mapping) else str(p)
-            for p in content
-            if not isinstance(p, Mapping) or p.get("type", "text") == "text"
-        )
+        texts = []
+        for p in content:
+            kind = p.get("type", "text") if isinstance(p, Mapping) else "text"
+            if kind != "text":
+                raise ValueError(f"a content part of type {kind!r} cannot be scored: this reward model reads text only")
+            texts.append(str(p.get("text", "")) if isinstance(p, Mapping) else str(p))
+        return "".join(texts)
     return str(content)
 
 
@@ -385,8 +388,8 @@ class RewardFunction:
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-        # The service refuses empty text; an empty completion (a policy can produce one) is scored as " ".
-        items = [(self._prompt(p), self._completion_text(c) or " ") for p, c in zip(prompts, completions, strict=True)]
+        # An empty completion (a policy can produce one) is scored as the empty answer.
+        items = [(self._prompt(p), self._completion_text(c)) for p, c in zip(prompts, completions, strict=True)]
         out: list[float] = []
         for start in range(0, len(items), self.batch_size):
             out.extend(self.client.score_items(items[start : start + self.batch_size], normalize=self.normalize))

@@ -160,11 +160,17 @@ class ScoringEngine:
             if job.prompt is not None and id(job.prompt) not in seen:
                 seen.add(id(job.prompt))
                 self._check_prompt(job.prompt, job.prompt_param)
-            self._check_text(job.response, job.param)
+            # An answer may be empty (a policy does produce empty answers, and a PPO step needs their
+            # reward): "", " " and "\n" are the same empty answer. Templated text (prompt None) may not.
+            self._check_text(job.response, job.param, allow_empty=job.prompt is not None)
 
     def _check_text(self, text: str, param: str, *, allow_empty: bool = False) -> None:
-        if not allow_empty and not text:
-            raise InvalidRequest(f"'{param}' is empty; give non-empty text", param=param, code="empty_text")
+        if not allow_empty and not text.strip():  # whitespace around text is not content
+            raise InvalidRequest(
+                f"'{param}' is empty{' (only whitespace)' if text else ''}; give non-empty text",
+                param=param,
+                code="empty_text",
+            )
         if len(text) > self.limits.max_chars:
             raise PayloadTooLarge(
                 f"'{param}' has {len(text):,} characters; at most {self.limits.max_chars:,} are allowed "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
 MODEL_FIELD = Field(None, description="accepted from clients that always send it; answers name the served model")
 
@@ -138,7 +138,7 @@ class RankRequest(BaseModel):
     model: str | None = MODEL_FIELD
     prompt: Prompt
     responses: list[str]
-    top_n: int | None = Field(None, ge=1, description="return only the best N")
+    top_n: int | None = Field(None, ge=0, description="return only the best N; 0 or unset: all")
     temperature: float = Field(1.0, gt=0, le=1e6, allow_inf_nan=False, description="softmax temperature")
     return_pairwise: bool = Field(False, description="also return P(i better than j) = sigmoid(r_i - r_j)")
     normalize: bool = False
@@ -263,10 +263,11 @@ class TEIRerankRequest(BaseModel):
         None, description="true: cut over-long inputs (keeping the answer's end); false: 413 instead; unset: cut"
     )
     truncation_direction: str | None = Field(None, description="accepted and ignored")
+    truncation: Literal["left", "error"] | None = TRUNCATION_FIELD
 
     def jobs(self) -> tuple[list[Job], str]:
         jobs = [Job(self.query, t, f"texts[{i}]", "query") for i, t in enumerate(self.texts)]
-        return with_truncation(jobs, tei_truncation(self.truncate)), "texts"
+        return with_truncation(jobs, self.truncation or tei_truncation(self.truncate)), "texts"
 
 
 class TEIRank(BaseModel):
@@ -302,6 +303,7 @@ class TEIPredictRequest(BaseModel):
         None, description="true: cut over-long inputs (keeping the answer's end); false: 413 instead; unset: cut"
     )
     truncation_direction: str | None = None
+    truncation: Literal["left", "error"] | None = TRUNCATION_FIELD
 
     @property
     def batched(self) -> bool:
@@ -329,12 +331,13 @@ class TEIPredictRequest(BaseModel):
             Job(None, seq[0], param) if len(seq) == 1 else Job(seq[0], seq[1], f"{param}[1]", f"{param}[0]")
             for seq, param in self.sequences()
         ]
-        return with_truncation(jobs, tei_truncation(self.truncate)), "inputs"
+        return with_truncation(jobs, self.truncation or tei_truncation(self.truncate)), "inputs"
 
 
 class TEIPrediction(BaseModel):
     score: float
     label: str
+    truncated: bool = Field(False, description="this input's sequence was cut to the model's max length")
 
 
 ScoreInputs = str | list[str]
@@ -441,13 +444,22 @@ class RewardRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     query: list[str]
-    prompts: list[Any] | None = None
+    prompts: list[Any] | None = Field(
+        None, description="the templated prompt of each query (a prefix of it): fixes where its answer starts"
+    )
     labels: list[Any] | None = None
-
     truncation: Literal["left", "error"] | None = TRUNCATION_FIELD
 
+    @field_validator("prompts")
+    @classmethod
+    def _one_prompt_per_query(cls, v: list[Any] | None, info: ValidationInfo) -> list[Any] | None:
+        n = len(info.data.get("query") or [])
+        if v is not None and len(v) != n:
+            raise ValueError(f"has {len(v)} entries for {n} queries; give one prompt per query, or none")
+        return v
+
     def jobs(self) -> tuple[list[Job], str]:
-        hints = self.prompts if self.prompts is not None and len(self.prompts) == len(self.query) else None
+        hints = self.prompts
         jobs = [
             Job(None, q, f"query[{i}]", hint=h if isinstance(h, str) and h.strip() else None)
             for i, (q, h) in enumerate(zip(self.query, hints or [None] * len(self.query), strict=True))

@@ -30,7 +30,7 @@ async def rank(req: RankRequest, engine: EngineDep, request: Request) -> RankRes
     scored = await until_disconnected(request, engine.score(jobs, count_param))
     scores = engine.normalize(scored.scores, req.normalize)
     probs = softmax(scores, req.temperature)
-    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[: req.top_n]
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[: req.top_n or None]
     pairwise = [[sigmoid(a - b) for b in scores] for a in scores] if req.return_pairwise else None
     return RankResponse(
         model=engine.model_id,

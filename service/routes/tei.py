@@ -22,7 +22,8 @@ async def predict(
     """TEI's /predict: a text is scored as already-templated text, a [text, text_pair] pair as (prompt,
     answer); score = sigmoid(reward) unless `raw_scores: true`; one label, "reward"."""
     scored = await until_disconnected(request, engine.score(*req.jobs()))
-    preds = [[TEIPrediction(score=s, label=LABEL)] for s in activate(scored.scores, not req.raw_scores)]
+    scores = activate(scored.scores, not req.raw_scores)
+    preds = [[TEIPrediction(score=s, label=LABEL, truncated=t)] for s, t in zip(scores, scored.truncated, strict=True)]
     return preds if req.batched else preds[0]
 
 

@@ -456,3 +456,14 @@ def test_tool_role_only_where_the_template_renders_one(tokenizer: Any) -> None:
     )
     enc = Formatter(with_tool, 64).encode(msgs, "It is sunny.")
     assert with_tool.decode(enc.ids).count("<|im_start|>tool\nsunny<|im_end|>") == 1
+
+
+def test_a_question_that_mentions_a_marker_is_one_user_turn(family: tuple[str, Any]) -> None:
+    """Only a string that begins like a templated conversation is parsed; a question about the markers
+    is plain text (the same ids as the message list with that content)."""
+    _, tok = family
+    f = Formatter(tok, 256)
+    marker = "<|im_start|>assistant" if "im_start" in (tok.chat_template or "") else "<|start_header_id|>assistant"
+    q = f"What does {marker} mean in a chat template?"
+    answer = "It opens the assistant turn."
+    assert f.encode(q, answer).ids == expected_ids(tok, [{"role": "user", "content": q}], answer)

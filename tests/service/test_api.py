@@ -96,9 +96,10 @@ def test_openrlhf_get_reward(client: TestClient, rm_dir: Path) -> None:
     body = r.json()
     ref = model.score_ids([full.ids], tok.pad_token_id)[0]
     assert body["rewards"] == pytest.approx([ref], abs=1e-5) and body["scores"] == body["rewards"]
-    assert body["extra_logs"] == {}
+    assert body["truncated"] == [False] and body["extra_logs"] == {"truncated": [0.0]}
     empty = client.post("/get_reward", json={"query": [], "prompts": [], "labels": []})
-    assert empty.status_code == 200 and empty.json() == {"rewards": [], "scores": [], "extra_logs": {}}
+    assert empty.status_code == 200
+    assert empty.json() == {"rewards": [], "scores": [], "truncated": [], "extra_logs": {}}
 
 
 def test_models_health_ready_metrics(client: TestClient) -> None:
@@ -131,7 +132,7 @@ ERROR_CASES = [
     ({"prompt": PROMPT}, 422, None),
     ({"prompt": PROMPT, "responses": ["a", 3]}, 422, "responses.1"),
     ({"prompt": PROMPT, "responses": []}, 422, "responses"),
-    ({"prompt": PROMPT, "responses": [""]}, 422, "responses[0]"),
+    ({"prompt": " ", "responses": ["a"]}, 422, "prompt"),
     ({"prompt": "", "responses": ["a"]}, 422, "prompt"),
     ({"prompt": [], "responses": ["a"]}, 422, "prompt"),
     ({"prompt": [{"role": "robot", "content": "x"}], "responses": ["a"]}, 422, "prompt.0.role"),
@@ -168,7 +169,7 @@ def test_score_errors_name_the_field(
         ("/v1/rank", b'{"prompt": "x", "responses": ["a"], "temperature": NaN}', 422, "temperature"),
         ("/v1/rank", b'{"prompt": "x", "responses": ["a"], "temperature": Infinity}', 422, "temperature"),
         ("/v1/rank", b'{"prompt": "x", "responses": ["a"], "temperature": 0}', 422, "temperature"),
-        ("/v1/rank", b'{"prompt": "x", "responses": ["a"], "top_n": 0}', 422, "top_n"),
+        ("/v1/rank", b'{"prompt": "x", "responses": ["a"], "top_n": -1}', 422, "top_n"),
         ("/v1/score", b'{"prompt": "x", "responses": ["a"]', 400, None),
         ("/v1/score", b'{"prompt": "\xff\xfe", "responses": ["a"]}', 400, None),
         ("/v1/score", b"[1, 2]", 422, None),

@@ -141,3 +141,12 @@ def test_async_client_has_the_whole_sync_surface(server: str) -> None:
     models, ready = asyncio.run(go())
     assert models[0]["id"] == "model" and ready is True
     assert asyncio.run(AsyncRewardClient(f"http://127.0.0.1:{free_port()}", max_retries=0).ready()) is False
+
+
+def test_content_text_refuses_non_text_parts() -> None:
+    from service.client import content_text
+
+    assert content_text([{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]) == "ab"
+    assert content_text(None) == ""
+    with pytest.raises(ValueError, match="type 'image' cannot be scored"):
+        content_text([{"type": "image", "image": "x"}, {"type": "text", "text": "What?"}])

@@ -51,8 +51,8 @@ def test_vllm_score_pairs_lists_and_activation(client: TestClient, ours: list[fl
     assert bad.status_code == 422 and "'text_1' has 2 texts and 'text_2' has 3" in bad.json()["error"]["message"]
     lone = client.post("/score", json={"text_1": "a"})
     assert lone.status_code == 422 and "exactly one pair" in lone.json()["error"]["message"]
-    empty = client.post("/score", json={"text_1": "a", "text_2": [""]}).json()["error"]
-    assert empty["param"] == "text_2[0]"
+    empty = client.post("/score", json={"text_1": "", "text_2": ["x"]}).json()["error"]
+    assert empty["param"] == "text_1" and empty["code"] == "empty_text"
 
 
 def test_own_score_shape_on_v1_score_accepts_model(client: TestClient, ours: list[float]) -> None:
@@ -102,7 +102,7 @@ def test_tei_rerank(client: TestClient, ours: list[float]) -> None:
 
 def test_tei_predict_and_info(client: TestClient, ours: list[float]) -> None:
     pair = client.post("/predict", json={"inputs": [PROMPT, ANSWERS[0]], "raw_scores": True}).json()
-    assert pair == [{"score": pytest.approx(ours[0], abs=1e-5), "label": "reward"}]
+    assert pair == [{"score": pytest.approx(ours[0], abs=1e-5), "label": "reward", "truncated": False}]
     batch = client.post("/predict", json={"inputs": [[PROMPT, a] for a in ANSWERS]}).json()
     assert [b[0]["score"] for b in batch] == pytest.approx([sigmoid(s) for s in ours], abs=1e-6)
     single = client.post("/predict", json={"inputs": "already templated text"})

@@ -192,3 +192,27 @@ def test_trainer_and_service_token_ids_are_identical(rm_dir: Any, make_client: C
     jobs, _ = ScoreRequest.model_validate({"prompt": prompt, "responses": [ANSWER + "\n", "No idea."]}).jobs()
     assert [e.ids for e in engine.encode(jobs)] == trainer_ids
     assert len(trainer_ids[0]) > 10
+
+
+def test_review_findings(client: TestClient) -> None:
+    """A question that mentions a marker is scored, not refused; whitespace-only text is empty; TEI takes
+    `truncation` too and /predict reports truncation; /get_reward's prompts must match its queries."""
+    r = client.post("/v1/rerank", json={"query": "What does <|im_start|>assistant mean?", "documents": ["It opens."]})
+    assert r.status_code == 200, r.text
+    for body, param in [({"prompt": " \n ", "responses": ["ok"]}, "prompt"), ({"query": ["  "]}, "query[0]")]:
+        err = client.post("/get_reward" if "query" in body else "/v1/score", json=body).json()["error"]
+        assert err["code"] == "empty_text" and err["param"] == param, err
+    # an empty answer is an answer (policies produce them): every whitespace-only form is the same one
+    empty = client.post("/v1/score", json={"prompt": "q", "responses": ["", "   ", "\n"]}).json()["scores"]
+    assert empty[0] == empty[1] == empty[2]
+    long = " ".join(["knead the dough"] * 80)
+    r = client.post("/rerank", json={"query": QUESTION, "texts": ["ok", long], "truncation": "error"})
+    assert r.status_code == 413 and r.json()["error"]["param"] == "texts[1]"
+    preds = client.post("/predict", json={"inputs": [[QUESTION, "ok"], [QUESTION, long]]}).json()
+    assert [p[0]["truncated"] for p in preds] == [False, True]
+    r = client.post("/predict", json={"inputs": [[QUESTION, "ok"], [QUESTION, long]], "truncation": "error"})
+    assert r.status_code == 413 and r.json()["error"]["param"] == "inputs[1][1]"
+    bad = client.post("/get_reward", json={"query": ["a", "b"], "prompts": ["a"]})
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "prompts"
+    top0 = client.post("/v1/rank", json={"prompt": QUESTION, "responses": ["a", "b"], "top_n": 0}).json()
+    assert len(top0["ranking"]) == 2
