@@ -17,10 +17,15 @@ from service.settings import Settings
 
 @pytest.fixture()
 def make_client(rm_dir: Path) -> Iterator[Callable[..., TestClient]]:
-    """Build a TestClient (lifespan entered) over the tiny model with setting overrides."""
+    """Build a TestClient (lifespan entered) over the tiny model with setting overrides.
+
+    The dtype is float32 unless a test asks for another: these tests compare scores with float32
+    references, and RMSERVE_DTYPE in the environment must not change that (the default dtype has its
+    own tests)."""
     clients: list[TestClient] = []
 
     def make(runtime_wrapper: Any = None, **overrides: Any) -> TestClient:
+        overrides.setdefault("dtype", "float32")
         app = create_app(Settings(model=str(rm_dir), **overrides), runtime_wrapper=runtime_wrapper)
         c = TestClient(app)
         c.__enter__()

@@ -56,7 +56,7 @@ def test_64_concurrent_requests_each_get_their_own_score(rm_dir: Path) -> None:
         holder["rt"] = SlowRuntime(rt, delay=0.02)
         return holder["rt"]
 
-    with live_server(Settings(model=str(rm_dir), max_wait_ms=5), runtime_wrapper=wrap) as url:
+    with live_server(Settings(model=str(rm_dir), dtype="float32", max_wait_ms=5), runtime_wrapper=wrap) as url:
 
         async def main() -> list[float]:
             async with httpx.AsyncClient(base_url=url, timeout=60) as c:
