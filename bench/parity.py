@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import hh_examples, resolve_model
 
 Score = Callable[[Sequence[Sequence[int]]], list[float]]
-SPECS = ("torch:bfloat16", "torch:float32+sharing", "onnx:float32", "onnx:int8")
+SPECS = ("torch:bfloat16", "torch:float32+sharing", "onnx:float32")
 
 
 def pair_parity(ref: Sequence[Sequence[float]], got: Sequence[Sequence[float]]) -> dict[str, float]:
@@ -55,7 +55,7 @@ def batch_invariance(score: Score, pairs: Sequence[Sequence[Sequence[int]]], bat
 
 def load_spec(model_dir: Path, spec: str, threads: int) -> Any:
     """A runtime for `name:dtype[+sharing]` (torch runs without prefix sharing unless +sharing)."""
-    from models.export import ONNX_FP32, ONNX_INT8, export_onnx
+    from models.export import ONNX_FP32, export_onnx
     from models.reward_model import RewardModel
     from service.runtimes.onnx_runtime import OnnxRuntime
     from service.runtimes.torch_runtime import TorchRuntime
@@ -65,10 +65,9 @@ def load_spec(model_dir: Path, spec: str, threads: int) -> Any:
     if name == "torch":
         m, tok = RewardModel.load(model_dir, dtype=dtype)
         return TorchRuntime(m, tok.pad_token_id, prefix_sharing=extra == "sharing")
-    int8 = dtype == "int8"
-    if not (model_dir / (ONNX_INT8 if int8 else ONNX_FP32)).is_file():
-        export_onnx(model_dir, int8=int8)
-    rt, _ = OnnxRuntime.load(model_dir, threads=threads, int8=int8)
+    if not (model_dir / ONNX_FP32).is_file():
+        export_onnx(model_dir)
+    rt, _ = OnnxRuntime.load(model_dir, threads=threads, int8=dtype == "int8")
     return rt
 
 

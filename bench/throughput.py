@@ -111,7 +111,7 @@ def main() -> None:
     ap.add_argument("--raw-seconds", type=float, default=15.0, help="per runtime and batch budget")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--answers", type=int, default=4, help="answers per /v1/score request")
-    ap.add_argument("--runtimes", default="torch:float32,torch:bfloat16,onnx:float32,onnx:int8")
+    ap.add_argument("--runtimes", default="torch:float32,torch:bfloat16,onnx:float32")
     ap.add_argument("--service-runtime", default="auto:auto", help="runtime:dtype the service runs (its default)")
     ap.add_argument("--parity-pairs", type=int, default=200, help="HH pairs each runtime is compared on")
     ap.add_argument("--invariance-pairs", type=int, default=8, help="pairs scored alone and in batches")
