@@ -1,5 +1,7 @@
-"""Throughput benchmark: the machine's limit, each runtime's raw forward pass, the service over HTTP at
-saturation, and a naive server, all measured in one run on real HH-RLHF dialogues.
+"""Throughput benchmark: the machine's limit, each runtime's raw forward pass next to its parity with
+torch fp32, the service over HTTP at saturation in its default mode (with the scores of a few requests
+compared alone and under that load), best-of-8 latency of the default runtime, and a naive server, all
+measured in one run on real HH-RLHF dialogues.
 
     python bench/throughput.py --model DIR [--seconds 30] [--clients 32]
 
@@ -12,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from bench.common import Server, free_port, hh_examples, python, resolve_model, run_load, start_service
+from bench.common import Server, free_port, hh_examples, percentile, python, resolve_model, run_load, start_service
+from bench.parity import batch_invariance, load_spec, pair_parity
 
 
 def matmul_peak(dtype: torch.dtype, seconds: float = 3.0) -> float:
@@ -65,6 +69,41 @@ def raw_throughput(runtime: Any, seqs: list[list[int]], budgets: tuple[int, ...]
     return best
 
 
+def best_of_n_latency(runtime: Any, requests: list[list[list[int]]], rounds: int = 2) -> dict[str, float]:
+    """p50/p99 milliseconds of one runtime call scoring the n answers of one prompt (no other load)."""
+    runtime.score(requests[0])  # warm up
+    lat = []
+    for _ in range(rounds):
+        for seqs in requests:
+            t = time.perf_counter()
+            runtime.score(seqs)
+            lat.append((time.perf_counter() - t) * 1000)
+    return {"p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99)}
+
+
+def scores_alone_and_under_load(
+    url: str, payloads: list[dict[str, Any]], probes: list[dict[str, Any]], clients: int, seconds: float
+) -> tuple[dict[str, Any], float]:
+    """The service's load result, and the largest change of a probe's score between each response
+    scored alone (one request each, no other load) and the whole probe sent while `clients` others load it."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=300) as c:
+
+        def one(prompt: str, response: str) -> float:
+            return float(c.post("/v1/score", json={"prompt": prompt, "responses": [response]}).json()["scores"][0])
+
+        alone = [[one(p["prompt"], r) for r in p["responses"]] for p in probes]
+        res: dict[str, Any] = {}
+        load = threading.Thread(target=lambda: res.update(run_load(url, payloads, clients=clients, seconds=seconds)))
+        load.start()
+        time.sleep(min(2.0, seconds / 4))
+        under = [c.post("/v1/score", json=p).json()["scores"] for p in probes]
+        load.join()
+    diff = max(abs(a - b) for p, q in zip(alone, under, strict=True) for a, b in zip(p, q, strict=True))
+    return res, diff
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="default")
@@ -72,17 +111,18 @@ def main() -> None:
     ap.add_argument("--raw-seconds", type=float, default=15.0, help="per runtime and batch budget")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--answers", type=int, default=4, help="answers per /v1/score request")
-    ap.add_argument("--runtimes", default="torch:float32,torch:bfloat16,onnx:float32,onnx:int8")
-    ap.add_argument("--service-runtime", default=None, help="runtime:dtype the service runs (default: fastest raw)")
+    ap.add_argument("--runtimes", default="torch:float32,torch:bfloat16,onnx:float32")
+    ap.add_argument("--service-runtime", default="auto:auto", help="runtime:dtype the service runs (its default)")
+    ap.add_argument("--parity-pairs", type=int, default=200, help="HH pairs each runtime is compared on")
+    ap.add_argument("--invariance-pairs", type=int, default=8, help="pairs scored alone and in batches")
+    ap.add_argument("--best-of", type=int, default=8, help="answers per best-of-n request")
+    ap.add_argument("--best-of-requests", type=int, default=20)
     args = ap.parse_args()
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     model_dir = resolve_model(args.model)
 
-    from models.export import ONNX_FP32, ONNX_INT8, export_onnx
     from models.reward_model import RewardModel
-    from service.runtimes.onnx_runtime import OnnxRuntime
-    from service.runtimes.torch_runtime import TorchRuntime
 
     model, tok = RewardModel.load(model_dir, dtype="float32")
     fmt = model.formatter(tok)
@@ -99,32 +139,47 @@ def main() -> None:
     n_params = non_embedding_params(model)
     limit = max(peaks.values()) * 1e9 / (2 * n_params)
 
+    parity_exs = hh_examples(args.parity_pairs, seed=7)
+    pairs = [[fmt.encode(ex.prompt, r).ids for r in ex.responses] for ex in parity_exs]
+    ref_rt = load_spec(model_dir, "torch:float32", threads)
+    ref = [ref_rt.score(p) for p in pairs]
+    del ref_rt
     raw: dict[str, Any] = {}
     for spec in args.runtimes.split(","):
-        name, dtype = spec.split(":")
-        if name == "torch":
-            m, _ = RewardModel.load(model_dir, dtype=dtype)
-            rt: Any = TorchRuntime(m, tok.pad_token_id, prefix_sharing=False)  # the plain forward pass
-        else:
-            fname = ONNX_INT8 if dtype == "int8" else ONNX_FP32
-            if not (model_dir / fname).is_file():
-                export_onnx(model_dir, int8=dtype == "int8")
-            rt, _ = OnnxRuntime.load(model_dir, threads=threads, int8=dtype == "int8")
+        rt = load_spec(model_dir, spec, threads)  # torch: the plain forward pass (no prefix sharing)
         raw[spec] = raw_throughput(rt, seqs, (2048, 4096, 8192), args.raw_seconds)
-        print(
-            f"raw {spec:16s} {raw[spec]['tokens_per_s']:8.0f} tokens/s (batch {raw[spec]['batch_tokens']})", flush=True
-        )
+        raw[spec].update(pair_parity(ref, [rt.score(p) for p in pairs]))
+        raw[spec]["batch_max_abs_diff"] = round(batch_invariance(rt.score, pairs[: args.invariance_pairs]), 6)
+        print(f"raw {spec:16s} {raw[spec]}", flush=True)
         del rt
     fastest = max(raw, key=lambda k: raw[k]["tokens_per_s"])
-    service_spec = args.service_runtime or fastest
+    service_spec = args.service_runtime
     s_name, s_dtype = service_spec.split(":")
+
+    # Best-of-n latency of the runtime the service picks by default, in this process, no other load.
+    from service.runtimes import load_runtime
+    from service.settings import Settings
+
+    default_rt, _, _, card = load_runtime(Settings(model=str(model_dir)), model_dir)
+    default_spec = f"{card['runtime']}:{card['dtype']}"
+    bon = []
+    for i, ex in enumerate(exs[: args.best_of_requests]):
+        answers = ex.responses + [exs[(i + j + 1) % len(exs)].responses[0] for j in range(args.best_of - 2)]
+        bon.append([fmt.encode(ex.prompt, r).ids for r in answers[: args.best_of]])
+    best_of = best_of_n_latency(default_rt, bon)
+    print(f"best-of-{args.best_of} ({default_spec}) p50 {best_of['p50_ms']:.0f} ms  p99 {best_of['p99_ms']:.0f} ms")
+    del default_rt
+
+    batch_diff: dict[bool, float] = {}
 
     def run_service(sharing: bool) -> dict[str, Any]:
         env = {"RMSERVE_PREFIX_SHARING": "true" if sharing else "false", "RMSERVE_REQUEST_TIMEOUT_S": "600"}
         server = start_service(model_dir, s_name, s_dtype, env)
         try:
             run_load(server.url, payloads, clients=args.clients, seconds=3)  # warm up
-            res = run_load(server.url, payloads, clients=args.clients, seconds=args.seconds)
+            res, batch_diff[sharing] = scores_alone_and_under_load(
+                server.url, payloads, payloads[:4], args.clients, args.seconds
+            )
         finally:
             server.stop()
         print(
@@ -136,8 +191,11 @@ def main() -> None:
         return res
 
     service_plain = run_service(False)
-    service = run_service(True) if s_name == "torch" else service_plain
+    service = run_service(True)
 
+    raw_spec = default_spec if service_spec == "auto:auto" else service_spec
+    if raw_spec not in raw:
+        raise SystemExit(f"--runtimes must include the service's runtime {raw_spec} to compare it with")
     port = free_port()
     naive_srv = Server([python(), "bench/naive_server.py", str(model_dir), str(port)], {}, port)
     try:
@@ -158,6 +216,13 @@ def main() -> None:
         "non_embedding_params": n_params,
         "limit_tokens_per_s": round(limit, 1),
         "raw_tokens_per_s": {k: round(v["tokens_per_s"], 1) for k, v in raw.items()},
+        "runtimes": raw,
+        "parity_pairs": len(pairs),
+        "default_runtime": default_spec,
+        "default_batch_max_abs_diff": round(batch_diff[True], 6),  # the default: prefix sharing on
+        "service_no_sharing_batch_max_abs_diff": round(batch_diff[False], 6),
+        f"best_of_{args.best_of}_p50_ms": round(best_of["p50_ms"], 1),
+        f"best_of_{args.best_of}_p99_ms": round(best_of["p99_ms"], 1),
         "service_runtime": service_spec,
         "service_tokens_per_s": round(service["tokens_per_s"], 1),
         "service_p50_ms": round(service["p50_ms"], 1),
@@ -168,8 +233,8 @@ def main() -> None:
         "naive_p99_ms": round(naive["p99_ms"], 1),
         "service_no_sharing_tokens_per_s": round(service_plain["tokens_per_s"], 1),
         "service_no_sharing_p99_ms": round(service_plain["p99_ms"], 1),
-        "service_over_raw": round(service["tokens_per_s"] / raw[service_spec]["tokens_per_s"], 3),
-        "service_no_sharing_over_raw": round(service_plain["tokens_per_s"] / raw[service_spec]["tokens_per_s"], 3),
+        "service_over_raw": round(service["tokens_per_s"] / raw[raw_spec]["tokens_per_s"], 3),
+        "service_no_sharing_over_raw": round(service_plain["tokens_per_s"] / raw[raw_spec]["tokens_per_s"], 3),
         "service_over_naive": round(service["tokens_per_s"] / naive["tokens_per_s"], 3),
         "raw_over_limit": round(raw[fastest]["tokens_per_s"] / limit, 3),
         "clients": args.clients,

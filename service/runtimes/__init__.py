@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path, PurePath
 from typing import Any
 
@@ -30,17 +33,133 @@ def resolve_model_dir(settings: Settings) -> Path:
     return default_model_dir()
 
 
-def choose_runtime(settings: Settings, model_dir: Path) -> str:
-    """`settings.runtime`, with `auto` resolved: ONNX Runtime fp32 when the directory holds that export and
-    the CPU path was asked for (faster than torch fp32 on CPUs without native bf16, same scores within 1e-5);
-    int8 only when asked (--dtype int8); torch otherwise."""
-    if settings.runtime != "auto":
-        return settings.runtime
-    from models.export import ONNX_FP32, ONNX_INT8
+AUTO_CACHE = ".rmserve-auto.json"  # in the model directory: the measured pick, keyed by machine and files
 
-    wanted = (model_dir / ONNX_INT8) if settings.dtype == "int8" else (model_dir / ONNX_FP32)
-    cpu = settings.device == "cpu" and settings.dtype != "bfloat16"
-    return "onnx" if wanted.is_file() and cpu else "torch"
+
+def candidates(settings: Settings, model_dir: Path) -> list[tuple[str, str]]:
+    """(runtime, dtype) pairs that `auto` may pick for `settings`: only those whose rewards are a
+    function of (prompt, answer) alone (batch-invariant within 1e-4) and agree with fp32.
+
+    - torch at `auto_dtype` (fp32 on a CPU: bf16 moved a reward by up to 0.1 with its batch-mates);
+    - ONNX Runtime fp32 when the directory holds that export (CPU only);
+    - never dynamic int8: its activation scale is computed over the whole batch tensor, so a row's
+      reward depends on its batch-mates by construction; it runs only when asked (`--dtype int8`).
+    """
+    from models.backbone import auto_dtype
+    from models.export import ONNX_FP32
+
+    torch_dtype = auto_dtype(settings.device) if settings.dtype == "auto" else settings.dtype
+    if settings.runtime == "torch":
+        return [("torch", torch_dtype)]
+    if settings.runtime == "onnx" or settings.dtype == "int8":
+        return [("onnx", "int8" if settings.dtype == "int8" else "float32")]
+    found = [("torch", torch_dtype)]
+    if settings.device == "cpu" and settings.dtype in ("auto", "float32") and (model_dir / ONNX_FP32).is_file():
+        found.append(("onnx", "float32"))
+    return found
+
+
+def choose_runtime(
+    settings: Settings, model_dir: Path, timer: Callable[[Settings, Path, str, str], float] | None = None
+) -> tuple[str, str]:
+    """The (runtime, dtype) to load. Explicit settings are kept; with `auto` and several candidates the
+    fastest on a short fixed workload wins (`timer`, default `time_candidate`), measured once per
+    machine, thread count, library versions and model files and cached in the model directory."""
+    found = candidates(settings, model_dir)
+    if len(found) == 1:
+        return found[0]
+    threads = settings.threads or cores()
+    key = _cache_key(model_dir, threads)
+    cache = model_dir / AUTO_CACHE
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key and tuple(cached["choice"]) in found:
+            log.info("auto runtime: %s (measured before: %s)", tuple(cached["choice"]), cached["seconds"])
+            return tuple(cached["choice"])  # type: ignore[return-value]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    timer = timer or time_candidate
+    seconds = {f"{r}:{d}": timer(settings, model_dir, r, d) for r, d in found}
+    choice = min(found, key=lambda c: seconds[f"{c[0]}:{c[1]}"])
+    log.info("auto runtime: %s, fastest of %s (seconds per workload)", choice, seconds)
+    try:
+        cache.write_text(json.dumps({"key": key, "choice": list(choice), "seconds": seconds}, indent=2) + "\n")
+    except OSError as e:
+        log.warning("auto runtime: cannot cache the measurement in %s: %s", cache, e)
+    return choice
+
+
+def _cache_key(model_dir: Path, threads: int) -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    try:
+        import onnxruntime
+
+        ort_version = onnxruntime.__version__
+    except ImportError:  # pragma: no cover - onnxruntime is a dependency
+        ort_version = ""
+    files = {}
+    for name in ("model.safetensors", "model.onnx"):
+        p = model_dir / name
+        if p.is_file():
+            st = p.stat()
+            files[name] = [st.st_size, st.st_mtime_ns]
+    return {
+        "cpu": _cpu_name(),
+        "machine": platform.machine(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "onnxruntime": ort_version,
+        "files": files,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor()
+
+
+def time_candidate(settings: Settings, model_dir: Path, runtime: str, dtype: str, repeats: int = 3) -> float:
+    """Best of `repeats` seconds for a fixed workload like a best-of-4 request on each of two prompts
+    (96-token prompts, answers of 24 to 72 tokens), through the runtime as the service would run it."""
+    rt, tokenizer = _load(settings, model_dir, runtime, dtype)
+    v = min(len(tokenizer), 1000) - 1  # token ids 1..v: in every vocabulary
+    prompts = [[(7 * i + 11) % v + 1 for i in range(96)], [(13 * i + 5) % v + 1 for i in range(96)]]
+    seqs = [p + [(3 * j + k) % v + 1 for j in range(24 + 16 * k)] for p in prompts for k in range(4)]
+    rt.score(seqs)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        rt.score(seqs)
+        best = min(best, time.perf_counter() - t)
+    return round(best, 4)
+
+
+def _load(settings: Settings, model_dir: Path, runtime: str, dtype: str) -> tuple[Runtime, Any]:
+    if runtime == "onnx":
+        from service.runtimes.onnx_runtime import OnnxRuntime
+
+        return OnnxRuntime.load(model_dir, threads=settings.threads or cores(), int8=dtype == "int8")
+    from models.reward_model import RewardModel
+    from service.runtimes.torch_runtime import TorchRuntime
+
+    model, tokenizer = RewardModel.load(
+        model_dir, dtype=dtype, device=settings.device, trust_remote_code=settings.trust_remote_code
+    )
+    runtime_ = TorchRuntime(
+        model, tokenizer.pad_token_id, prefix_sharing=settings.prefix_sharing, min_prefix=settings.prefix_min_tokens
+    )
+    return runtime_, tokenizer
 
 
 def load_runtime(settings: Settings, model_dir: Path) -> tuple[Runtime, Any, Any, dict[str, Any]]:
@@ -50,31 +169,19 @@ def load_runtime(settings: Settings, model_dir: Path) -> tuple[Runtime, Any, Any
     """
     import torch
 
-    from models.backbone import auto_dtype
-    from models.reward_model import RewardModel, read_config
+    from models.reward_model import read_config
+    from service.runtimes.torch_runtime import TorchRuntime
 
     threads = settings.threads or cores()
     torch.set_num_threads(threads)
-    runtime: Runtime
-    if choose_runtime(settings, model_dir) == "onnx":
-        from service.runtimes.onnx_runtime import OnnxRuntime
-
-        int8 = None if settings.dtype == "auto" else settings.dtype == "int8"
-        runtime, tokenizer = OnnxRuntime.load(model_dir, threads=threads, int8=int8)
+    name, dtype = choose_runtime(settings, model_dir)
+    runtime, tokenizer = _load(settings, model_dir, name, dtype)
+    if isinstance(runtime, TorchRuntime):
+        cfg = runtime.model.config
+        params = sum(p.numel() for p in runtime.model.parameters())
+    else:
         cfg = read_config(model_dir)
         params = int(cfg.backbone_info.get("params_after_trim", 0)) + cfg.hidden_size + 1
-    else:
-        from service.runtimes.torch_runtime import TorchRuntime
-
-        dtype = auto_dtype(settings.device) if settings.dtype == "auto" else settings.dtype
-        model, tokenizer = RewardModel.load(
-            model_dir, dtype=dtype, device=settings.device, trust_remote_code=settings.trust_remote_code
-        )
-        runtime = TorchRuntime(
-            model, tokenizer.pad_token_id, prefix_sharing=settings.prefix_sharing, min_prefix=settings.prefix_min_tokens
-        )
-        cfg = model.config
-        params = sum(p.numel() for p in model.parameters())
     card = {
         "id": settings.model_id or model_dir.name,
         "backbone": str(cfg.backbone_info.get("source") or cfg.backbone),

@@ -8,7 +8,7 @@ import numpy as np
 
 
 class OnnxRuntime:
-    """The exported reward model under ONNX Runtime (fp32, or int8 by dynamic quantization).
+    """The exported reward model under ONNX Runtime, fp32 (int8 is refused: see models/export.py).
 
     Shared-prefix scoring is not available here: the exported graph takes whole sequences only.
     """
@@ -21,24 +21,19 @@ class OnnxRuntime:
         self.dtype = dtype
 
     @classmethod
-    def load(cls, model_dir: str | Path, *, threads: int = 1, int8: bool | None = None) -> tuple[OnnxRuntime, Any]:
+    def load(cls, model_dir: str | Path, *, threads: int = 1, int8: bool = False) -> tuple[OnnxRuntime, Any]:
         import onnxruntime as ort
         from transformers import AutoTokenizer
 
-        from models.export import ONNX_FP32, ONNX_INT8
+        from models.export import ONNX_FP32, Int8Refused
         from models.reward_model import ModelDirError
 
+        if int8:
+            raise Int8Refused()
         d = Path(model_dir)
-        if int8 is None:
-            # auto: fp32. Dynamic int8 is faster (826 vs 499 tokens/s here) but failed the parity bound on
-            # real HH pairs (pair order agreement 0.52 vs fp32), so it is used only when asked for.
-            int8 = not (d / ONNX_FP32).is_file() and (d / ONNX_INT8).is_file()
-        path = d / (ONNX_INT8 if int8 else ONNX_FP32)
+        path = d / ONNX_FP32
         if not path.is_file():
-            raise ModelDirError(
-                f"{path} is missing: export the model first with `rmserve export --model {d}"
-                f"{' --int8' if int8 else ''}`"
-            )
+            raise ModelDirError(f"{path} is missing: export the model first with `rmserve export --model {d}`")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -50,7 +45,7 @@ class OnnxRuntime:
         tokenizer = AutoTokenizer.from_pretrained(str(d))
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        return cls(session, tokenizer.pad_token_id, "int8" if int8 else "float32"), tokenizer
+        return cls(session, tokenizer.pad_token_id, "float32"), tokenizer
 
     def score(self, seqs: Sequence[Sequence[int]]) -> list[float]:
         t = max(len(s) for s in seqs)

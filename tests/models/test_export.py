@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,7 +24,6 @@ def exported(tmp_path_factory: pytest.TempPathFactory, rm_dir: Path) -> Path:
     d = tmp_path_factory.mktemp("onnx") / "m"
     shutil.copytree(rm_dir, d)
     export_onnx(d)
-    export_onnx(d, int8=True)
     return d
 
 
@@ -44,14 +44,20 @@ def test_onnx_fp32_matches_torch(exported: Path) -> None:
     assert onnx.score(seqs) == pytest.approx(alone, abs=1e-5)
 
 
-def test_onnx_int8_is_quantized_and_close_on_the_tiny_model(exported: Path) -> None:
-    seqs = _seqs(exported)
-    fp32, _ = OnnxRuntime.load(exported, int8=False)
-    int8, _ = OnnxRuntime.load(exported, int8=True)
-    assert int8.dtype == "int8"
-    a, b = fp32.score(seqs), int8.score(seqs)
-    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 0.5
-    assert a != b  # really quantized
+def test_int8_is_refused_with_its_reason(exported: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from models.export import Int8Refused
+    from service.app import create_app
+    from service.settings import Settings
+
+    with pytest.raises(Int8Refused, match="batch-mates"):
+        export_onnx(exported, int8=True)
+    assert not (exported / "model.int8.onnx").exists()
+    with pytest.raises(Int8Refused, match="use float32"):
+        OnnxRuntime.load(exported, int8=True)
+    with pytest.raises(Int8Refused), TestClient(create_app(Settings(model=str(exported), dtype="int8"))):
+        pass
 
 
 def test_onnx_missing_file_is_named(tmp_path: Path, rm_dir: Path) -> None:
@@ -77,17 +83,50 @@ def test_service_on_onnx_runtime(exported: Path) -> None:
         assert m["runtime"] == "onnx" and m["dtype"] == "float32"
 
 
-def test_auto_runtime_prefers_the_export(exported: Path, rm_dir: Path) -> None:
+def test_auto_runtime_picks_the_faster_measured_candidate_and_caches_it(exported: Path, rm_dir: Path) -> None:
+    import json
+
     from fastapi.testclient import TestClient
 
     from service.app import create_app
+    from service.runtimes import AUTO_CACHE, candidates, choose_runtime
     from service.settings import Settings
 
-    with TestClient(create_app(Settings(model=str(exported)))) as c:
+    s = Settings(model=str(exported))
+    assert candidates(s, exported) == [("torch", "float32"), ("onnx", "float32")]
+    assert candidates(Settings(model=str(rm_dir)), rm_dir) == [("torch", "float32")]  # nothing to measure
+    assert candidates(Settings(model=str(exported), dtype="int8"), exported) == [("onnx", "int8")]  # only when asked
+    assert candidates(Settings(model=str(exported), dtype="bfloat16"), exported) == [("torch", "bfloat16")]
+    calls: list[str] = []
+
+    def timer(onnx_seconds: float) -> Any:
+        def t(settings: Settings, d: Path, runtime: str, dtype: str) -> float:
+            calls.append(runtime)
+            return onnx_seconds if runtime == "onnx" else 1.0
+
+        return t
+
+    (exported / AUTO_CACHE).unlink(missing_ok=True)
+    assert choose_runtime(s, exported, timer(0.5)) == ("onnx", "float32")
+    assert calls == ["torch", "onnx"]
+    assert json.loads((exported / AUTO_CACHE).read_text())["choice"] == ["onnx", "float32"]
+    assert choose_runtime(s, exported, timer(2.0)) == ("onnx", "float32")  # cached: not measured again
+    assert calls == ["torch", "onnx"]
+    with TestClient(create_app(s)) as c:  # the service reads the cached pick
         m = c.get("/v1/models").json()["data"][0]
         assert (m["runtime"], m["dtype"]) == ("onnx", "float32")
-    with TestClient(create_app(Settings(model=str(exported), dtype="int8"))) as c:
-        m = c.get("/v1/models").json()["data"][0]
-        assert (m["runtime"], m["dtype"]) == ("onnx", "int8")
+    other = Settings(model=str(exported), threads=7)  # another thread count is another measurement
+    assert choose_runtime(other, exported, timer(2.0)) == ("torch", "float32")
+    assert calls == ["torch", "onnx", "torch", "onnx"]
     with TestClient(create_app(Settings(model=str(rm_dir)))) as c:
         assert c.get("/v1/models").json()["data"][0]["runtime"] == "torch"
+    (exported / AUTO_CACHE).unlink()
+
+
+def test_time_candidate_runs_each_runtime(exported: Path) -> None:
+    from service.runtimes import time_candidate
+    from service.settings import Settings
+
+    s = Settings(model=str(exported), threads=1)
+    for runtime in ("torch", "onnx"):
+        assert 0.0 < time_candidate(s, exported, runtime, "float32", repeats=1) < 60.0
