@@ -138,8 +138,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     _quiet_transformers()
     func: Callable[[argparse.Namespace], int] = args.func
+    from pydantic import ValidationError
+
     try:
         return func(args)
+    except ValidationError as e:  # settings: name each field and the problem, never the values (keys)
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors())
+        print(f"rmserve {args.command}: error: invalid settings: {problems}", file=sys.stderr)
+        return 2
     except (CLIError, ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"rmserve {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -21,6 +21,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import (
+    BadRequest,
+    Busy,
     DeadlineExceeded,
     InferenceFailed,
     PayloadTooLarge,
@@ -35,6 +37,7 @@ from service.settings import Settings
 log = logging.getLogger("rmserve.edge")
 
 # Routes that answer without a key unless RMSERVE_AUTH_OPEN_ROUTES=true: probes, metrics and the docs.
+PROBES = ("/health", "/ready", "/metrics")  # never refused for being busy: the orchestrator must see the truth
 OPEN_ROUTES = ("/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 OPEN_PREFIXES = ("/playground", "/static/")
 
@@ -58,6 +61,7 @@ class EdgeMiddleware:
         self.settings = settings
         self.metrics = metrics
         self.key = settings.api_key.get_secret_value() if settings.api_key is not None else None
+        self.in_flight = 0  # requests past the early refusals, probes and /metrics aside
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -81,6 +85,7 @@ class EdgeMiddleware:
             await send(message)
 
         headers = dict(scope.get("headers") or [])
+        counted = path not in PROBES
         try:
             refusal = self._refuse_early(path, headers)
             if refusal is not None:
@@ -90,8 +95,21 @@ class EdgeMiddleware:
                 if has_body(headers):  # its body stays unread: do not keep the connection for it
                     hdrs["Connection"] = "close"
                 await send_error(send_raw, refusal, hdrs)
+            elif counted and self.in_flight >= self.settings.max_in_flight:
+                self.metrics.failures.labels("busy").inc()
+                busy = Busy(
+                    f"{self.in_flight} requests are in flight; at most {self.settings.max_in_flight} are allowed "
+                    "(RMSERVE_MAX_IN_FLIGHT); retry shortly"
+                )
+                await send_error(
+                    send_raw, busy, {"Retry-After": "1", **({"Connection": "close"} if has_body(headers) else {})}
+                )
             else:
-                await self.app(scope, self._limited(receive, body_error), send_wrapper)
+                self.in_flight += counted
+                try:
+                    await self.app(scope, self._limited(receive, body_error), send_wrapper)
+                finally:
+                    self.in_flight -= counted
         except Exception as exc:  # the one place an unexpected error becomes a counted 500
             if body_error:
                 if not status["started"]:
@@ -117,6 +135,11 @@ class EdgeMiddleware:
         if guarded and not check_bearer(headers, self.key or ""):
             return Unauthorized(
                 "a valid API key is required: send 'Authorization: Bearer <key>'", code="invalid_api_key"
+            )
+        if b"content-length" in headers and b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+            return BadRequest(
+                "the request has both Content-Length and Transfer-Encoding: chunked; send one of them",
+                code="ambiguous_length",
             )
         try:
             length = int(headers.get(b"content-length", b"0") or 0)

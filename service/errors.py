@@ -48,6 +48,22 @@ class DeadlineExceeded(ServiceError):
     type = "timeout"
 
 
+class BadRequest(ServiceError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class Busy(ServiceError):
+    """Too many requests in flight (RMSERVE_MAX_IN_FLIGHT): 503 with Retry-After."""
+
+    status = 503
+    type = "busy"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.retry_after = 1
+
+
 class NotReady(ServiceError):
     status = 503
     type = "not_ready"

@@ -116,6 +116,8 @@ def serve(args: argparse.Namespace) -> int:
             settings.host,
             "" if settings.api_key else " and RMSERVE_API_KEY is not set",
         )
+    if settings.auth_open_routes and settings.api_key is None:
+        log.warning("RMSERVE_AUTH_OPEN_ROUTES=true but no API key is set: every route is open")
     app = create_app(settings)
     server = _graceful_server_class()(uvicorn_config(app, settings))
     server.run()

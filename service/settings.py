@@ -58,7 +58,16 @@ class Settings(BaseSettings):
 
     # The connection edge (uvicorn/h11 options and what they lack).
     max_connections: int = Field(
-        128, ge=1, description="open connections (or requests in flight) at most; past it 503 at once"
+        1024,
+        ge=1,
+        description="open connections at most (uvicorn's limit; idle ones count, and the header timeout closes "
+        "them); past it a plain 503",
+    )
+    max_in_flight: int = Field(
+        128,
+        ge=1,
+        description="requests being read or answered at most, probes and /metrics aside; past it 503 with "
+        "Retry-After at once (bounds request bodies in memory to max_in_flight x max_body_bytes)",
     )
     max_header_bytes: int = Field(
         16 * 1024, ge=1024, description="request line plus headers at most; past it 431 and the connection closed"

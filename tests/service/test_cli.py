@@ -101,3 +101,17 @@ def test_build_default_refuses_another_backbone(
     err = capsys.readouterr().err
     assert "is not the SmolLM2-135M-Instruct the default model was trained on" in err and "fingerprint" in err
     assert not (tmp_path / "d").exists()
+
+
+def test_settings_errors_never_print_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from service.cli import main
+
+    key_file = tmp_path / "key"
+    key_file.write_text("k")
+    env = {"RMSERVE_API_KEY": "sk-live-0123456789SECRET", "RMSERVE_API_KEY_FILE": str(key_file)}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        assert main(["serve", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "invalid settings" in err and "not both" in err and "sk-live" not in err

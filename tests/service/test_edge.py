@@ -168,3 +168,40 @@ def test_connection_cap_answers_503_not_a_hang(rm_dir: Path) -> None:
             s.close()
         time.sleep(0.2)
         assert httpx.get(url + "/health", timeout=5).status_code == 200
+
+
+def test_requests_in_flight_are_capped_but_probes_never_are(rm_dir: Path) -> None:
+    """Two stalled uploads fill RMSERVE_MAX_IN_FLIGHT=2: the next request gets a counted JSON 503 with
+    Retry-After at once, while /health, /ready and /metrics still answer."""
+    with live_server(Settings(model=str(rm_dir), max_in_flight=2, body_timeout_s=30)) as url:
+        stalled = []
+        for _ in range(2):
+            s = connect(url)
+            s.sendall(
+                b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+            )
+            stalled.append(s)
+        time.sleep(0.3)
+        t = time.perf_counter()
+        r = httpx.post(url + "/v1/score", json={"prompt": "q", "responses": ["a"]}, timeout=5)
+        assert r.status_code == 503 and time.perf_counter() - t < 1.0
+        assert r.json()["error"]["type"] == "busy" and r.headers["retry-after"] == "1"
+        for probe in ("/health", "/ready", "/metrics"):
+            assert httpx.get(url + probe, timeout=5).status_code == 200, probe
+        metrics = httpx.get(url + "/metrics", timeout=5).text
+        assert 'rmserve_failures_total{cause="busy"} 1.0' in metrics
+        for s in stalled:
+            s.close()
+        time.sleep(0.3)
+        assert httpx.post(url + "/v1/score", json={"prompt": "q", "responses": ["a"]}, timeout=5).status_code == 200
+
+
+def test_content_length_with_chunked_is_refused(edge_url: str) -> None:
+    s = connect(edge_url)
+    s.sendall(
+        b"POST /v1/score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n"
+        b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    )
+    status, _headers, body, _closed = read_answer(s)
+    s.close()
+    assert status == 400 and error_code(body) == "ambiguous_length", body
