@@ -162,6 +162,9 @@ def main() -> None:
 
     default_rt, _, _, card = load_runtime(Settings(model=str(model_dir)), model_dir)
     default_spec = f"{card['runtime']}:{card['dtype']}"
+    raw_spec = default_spec if service_spec == "auto:auto" else service_spec
+    if raw_spec not in raw:
+        raise SystemExit(f"--runtimes must include the service's runtime {raw_spec} to compare it with")
     bon = []
     for i, ex in enumerate(exs[: args.best_of_requests]):
         answers = ex.responses + [exs[(i + j + 1) % len(exs)].responses[0] for j in range(args.best_of - 2)]
@@ -193,9 +196,6 @@ def main() -> None:
     service_plain = run_service(False)
     service = run_service(True)
 
-    raw_spec = default_spec if service_spec == "auto:auto" else service_spec
-    if raw_spec not in raw:
-        raise SystemExit(f"--runtimes must include the service's runtime {raw_spec} to compare it with")
     port = free_port()
     naive_srv = Server([python(), "bench/naive_server.py", str(model_dir), str(port)], {}, port)
     try:

@@ -92,9 +92,12 @@ def test_auto_runtime_picks_the_faster_measured_candidate_and_caches_it(exported
     from service.runtimes import AUTO_CACHE, candidates, choose_runtime
     from service.settings import Settings
 
-    s = Settings(model=str(exported))
+    # explicit auto: RMSERVE_RUNTIME / RMSERVE_DTYPE in the environment must not change the test
+    s = Settings(model=str(exported), runtime="auto", dtype="auto")
     assert candidates(s, exported) == [("torch", "float32"), ("onnx", "float32")]
-    assert candidates(Settings(model=str(rm_dir)), rm_dir) == [("torch", "float32")]  # nothing to measure
+    assert candidates(Settings(model=str(rm_dir), runtime="auto", dtype="auto"), rm_dir) == [
+        ("torch", "float32")
+    ]  # nothing to measure
     assert candidates(Settings(model=str(exported), dtype="int8"), exported) == [("onnx", "int8")]  # only when asked
     assert candidates(Settings(model=str(exported), dtype="bfloat16"), exported) == [("torch", "bfloat16")]
     calls: list[str] = []
@@ -115,10 +118,12 @@ def test_auto_runtime_picks_the_faster_measured_candidate_and_caches_it(exported
     with TestClient(create_app(s)) as c:  # the service reads the cached pick
         m = c.get("/v1/models").json()["data"][0]
         assert (m["runtime"], m["dtype"]) == ("onnx", "float32")
-    other = Settings(model=str(exported), threads=7)  # another thread count is another measurement
+    other = Settings(
+        model=str(exported), runtime="auto", dtype="auto", threads=7
+    )  # another thread count is another measurement
     assert choose_runtime(other, exported, timer(2.0)) == ("torch", "float32")
     assert calls == ["torch", "onnx", "torch", "onnx"]
-    with TestClient(create_app(Settings(model=str(rm_dir)))) as c:
+    with TestClient(create_app(Settings(model=str(rm_dir), runtime="auto", dtype="auto"))) as c:
         assert c.get("/v1/models").json()["data"][0]["runtime"] == "torch"
     (exported / AUTO_CACHE).unlink()
 
