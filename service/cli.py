@@ -81,13 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--runtime",
         default=None,
         choices=["auto", "torch", "onnx"],
-        help="auto (default): ONNX Runtime when the model has an export, else torch",
+        help="auto (default): the faster of torch fp32 and ONNX fp32 (when exported), measured once and cached",
     )
     s.add_argument(
         "--dtype",
         default=None,
         choices=["auto", "float32", "bfloat16", "int8"],
-        help="torch: auto|float32|bfloat16; onnx: auto|float32|int8",
+        help="auto (float32 on a CPU) | float32 | bfloat16 (not batch-invariant); int8 is refused with its reason",
     )
     s.add_argument("--host", default=None, help="bind address (default 127.0.0.1; 0.0.0.0 must be explicit)")
     s.add_argument("--port", type=int, default=None, help="port (default 8000)")
@@ -115,10 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_args(e)
     e.set_defaults(func=cmd_eval)
 
-    x = sub.add_parser("export", help="export a model directory to ONNX (fp32, or int8 with --int8)")
+    x = sub.add_parser("export", help="export a model directory to ONNX (fp32; --int8 is refused with its reason)")
     x.add_argument("--model", required=True, help="model directory")
     x.add_argument("--out", default=None, help="output file (default: MODEL/model.onnx or model.int8.onnx)")
-    x.add_argument("--int8", action="store_true", help="dynamic int8 quantization with onnxruntime")
+    x.add_argument("--int8", action="store_true", help="refused: dynamic int8 fails parity (see models/export.py)")
     x.set_defaults(func=cmd_export)
 
     b = sub.add_parser("build-default", help="assemble the default reward model from backbone + shipped weights")

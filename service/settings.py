@@ -16,13 +16,14 @@ class Settings(BaseSettings):
     model_id: str | None = Field(None, description="name reported in responses (default: the folder name)")
     runtime: Literal["auto", "torch", "onnx"] = Field(
         "auto",
-        description="inference runtime; auto = ONNX Runtime fp32 when the model directory holds that export "
-        "(faster than torch fp32 on CPUs without native bf16), else torch",
+        description="inference runtime; auto = the faster of torch fp32 and ONNX Runtime fp32 (when the model "
+        "directory holds that export), measured once per machine and cached in the model directory",
     )
     dtype: Literal["auto", "float32", "bfloat16", "int8"] = Field(
         "auto",
-        description="torch: float32 | bfloat16 (auto = bf16 where the hardware runs it natively, else fp32); "
-        "onnx: float32 | int8 (auto = float32; int8 only when asked)",
+        description="auto = float32 on a CPU (rewards independent of batch-mates), bf16 on a GPU; bfloat16 when "
+        "asked (faster where native, but a reward then moves with its batch-mates); int8 is refused with its "
+        "reason (dynamic int8 makes a reward depend on its batch-mates and reordered 30% of HH pairs)",
     )
     device: str = Field("cpu", description="cpu or cuda")
     threads: int | None = Field(None, ge=1, description="intra-op threads (default: the cores available)")
