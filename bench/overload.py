@@ -1,6 +1,6 @@
 """Sustained overload against the default settings with a 10 s deadline: many clients, each sending
 requests of 8 long answers back to back (after a 429 a client waits `--backoff` seconds, not the
-Retry-After, so the pressure stays). Counts 200/429/504, latency of accepted and refused requests, and
+Retry-After, so the pressure stays; `--honour-retry-after` makes them wait it, as RewardClient does). Counts 200/429/504, latency of accepted and refused requests, and
 the accepted throughput against an unloaded run (one client) of the same requests. Then memory under
 stalled uploads: `--stalled` connections each send the headers and 1 MB of a larger body, then stall.
 
@@ -47,7 +47,12 @@ def long_requests(n: int, answers: int, min_chars: int) -> list[dict[str, Any]]:
 
 
 async def drive(
-    url: str, payloads: list[dict[str, Any]], clients: int, seconds: float, backoff: float
+    url: str,
+    payloads: list[dict[str, Any]],
+    clients: int,
+    seconds: float,
+    backoff: float,
+    honour_retry_after: bool = False,
 ) -> dict[str, Any]:
     codes: dict[str, int] = {}
     lat: dict[int, list[float]] = {200: [], 429: [], 504: []}
@@ -72,7 +77,8 @@ async def drive(
             if code == 200:
                 answers += len(p["responses"])
             elif code == 429:
-                await asyncio.sleep(backoff)
+                wait = float(r.headers.get("retry-after", 0)) if honour_retry_after else 0.0
+                await asyncio.sleep(max(backoff, wait))
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     t0 = time.perf_counter()
@@ -124,6 +130,9 @@ def main() -> None:
     ap.add_argument("--min-chars", type=int, default=1200, help="shortest answer counted as long")
     ap.add_argument("--deadline", type=float, default=10.0, help="RMSERVE_REQUEST_TIMEOUT_S")
     ap.add_argument("--backoff", type=float, default=0.2, help="a client's pause after a 429")
+    ap.add_argument(
+        "--honour-retry-after", action="store_true", help="clients wait Retry-After after a 429 (as RewardClient does)"
+    )
     ap.add_argument("--stalled", type=int, default=100, help="stalled 1 MB uploads for the memory phase")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -135,7 +144,9 @@ def main() -> None:
         rss_start = server.rss_mb()
         unloaded = asyncio.run(drive(server.url, payloads, 1, args.unloaded_seconds, args.backoff))
         log.info("unloaded: %s", unloaded)
-        loaded = asyncio.run(drive(server.url, payloads, args.clients, args.seconds, args.backoff))
+        loaded = asyncio.run(
+            drive(server.url, payloads, args.clients, args.seconds, args.backoff, args.honour_retry_after)
+        )
         log.info("overload: %s", loaded)
         rss_loaded = server.rss_mb()
         memory = stalled_uploads(server.url, args.stalled, 1024 * 1024, server.rss_mb)
@@ -148,6 +159,7 @@ def main() -> None:
         "answers_per_request": args.answers,
         "seconds": args.seconds,
         "deadline_s": args.deadline,
+        "honour_retry_after": args.honour_retry_after,
         "n200": codes.get("200", 0),
         "n429": codes.get("429", 0),
         "n504": codes.get("504", 0),

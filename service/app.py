@@ -105,5 +105,7 @@ def create_app(
     app.state.rm = state
     for module in (health, score, rank, rerank, tei, openrlhf, docs):
         app.include_router(module.router)
-    install_edge(app, settings, state.metrics)
+    install_edge(
+        app, settings, state.metrics, overloaded=lambda n: state.engine.refuse_before_body(n) if state.engine else None
+    )
     return app

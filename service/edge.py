@@ -12,6 +12,7 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -56,10 +57,17 @@ class EdgeMiddleware:
     """Pure ASGI layer in front of the app: key before body, body limit and deadline, 5xx caught and
     counted, metrics."""
 
-    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        settings: Settings,
+        metrics: Metrics,
+        overloaded: Callable[[int], ServiceError | None] | None = None,
+    ) -> None:
         self.app = app
         self.settings = settings
         self.metrics = metrics
+        self.overloaded = overloaded  # admission's refusal from the headers alone (the engine's)
         self.key = settings.api_key.get_secret_value() if settings.api_key is not None else None
         self.in_flight = 0  # requests past the early refusals, probes and /metrics aside
 
@@ -88,6 +96,9 @@ class EdgeMiddleware:
         counted = path not in PROBES
         try:
             refusal = self._refuse_early(path, headers)
+            if refusal is None and self.overloaded is not None and scope.get("method") == "POST":
+                # /get_reward's deadline grows with its batch: the engine decides for it after parsing
+                refusal = None if path == "/get_reward" else self.overloaded(content_length(headers))
             if refusal is not None:
                 if refusal.status == 401:
                     self.metrics.failures.labels("unauthorized").inc()
@@ -141,10 +152,7 @@ class EdgeMiddleware:
                 "the request has both Content-Length and Transfer-Encoding: chunked; send one of them",
                 code="ambiguous_length",
             )
-        try:
-            length = int(headers.get(b"content-length", b"0") or 0)
-        except ValueError:
-            length = 0
+        length = content_length(headers)
         limit = self.settings.max_body_bytes
         if length > limit:
             return PayloadTooLarge(
@@ -233,7 +241,17 @@ def error_response(err: ServiceError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=refusal_headers(err) or None)
 
 
-def install_edge(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
+def content_length(headers: dict[bytes, bytes]) -> int:
+    """The Content-Length header's value; 0 when absent or not a number (a chunked body)."""
+    try:
+        return max(0, int(headers.get(b"content-length", b"0") or 0))
+    except ValueError:
+        return 0
+
+
+def install_edge(
+    app: FastAPI, settings: Settings, metrics: Metrics, overloaded: Callable[[int], ServiceError | None] | None = None
+) -> None:
     """Register the error mapping and the edge middleware on `app`."""
 
     @app.exception_handler(ServiceError)
@@ -255,4 +273,4 @@ def install_edge(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
         body: dict[str, Any] = {"error": {"message": detail, "type": kind, "param": None, "code": kind}}
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
-    app.add_middleware(EdgeMiddleware, settings=settings, metrics=metrics)
+    app.add_middleware(EdgeMiddleware, settings=settings, metrics=metrics, overloaded=overloaded)

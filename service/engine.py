@@ -113,6 +113,24 @@ class ScoringEngine:
         return await self.run(encoded, reservation)
 
     # -- admission by projected wait, before any formatting work ----------------------------------
+    def refuse_before_body(self, body_bytes: int) -> Overloaded | None:
+        """The refusal the edge can make from the headers alone, before reading and parsing the body, so
+        that refusing costs no JSON parse: the work ahead plus the body's bytes read as characters (a
+        lower bound on the request's tokens: its prompt counts once here, once per answer when scored)
+        would not finish within the admission budget. Nothing ahead admits, as in `admit`."""
+        budget = self.limits.request_timeout_s * self.limits.admit_wait_fraction
+        if not self.batcher.tokens_ahead:
+            return None
+        wait = self.batcher.projected_s(math.floor(body_bytes / max(self.chars_per_token, 1.0)))
+        if wait is None or wait <= budget:
+            return None
+        self.metrics.failures.labels("overloaded").inc()
+        return Overloaded(
+            f"the service is at its admission limit: {self.batcher.tokens_ahead:,} tokens are ahead, about "
+            f"{wait:.1f} s of work, past the {budget:.1f} s admission budget; retry later",
+            retry_after=max(1, math.ceil(wait - budget)),
+        )
+
     def estimate_tokens(self, jobs: Sequence[Job]) -> int:
         """A cheap token count (characters over the learned characters per token, at most max_length
         per sequence) to decide admission before the full formatting work."""

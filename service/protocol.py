@@ -20,6 +20,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from service.errors import HeadersTooLarge, RequestTimeout, ServiceError
 
 _REASONS = {408: "Request Timeout", 431: "Request Header Fields Too Large"}
+LINGER_S = 1.0  # after a refusal, how long what the client still sends is read and dropped before closing
 
 
 def bounded_h11(
@@ -35,6 +36,7 @@ def bounded_h11(
             self._header_bytes = 0  # bytes of the current request head seen so far
             self._tail = b""  # last bytes of the head so far (a terminator split across reads)
             self._header_timer: asyncio.TimerHandle | None = None
+            self._refused = False  # answered a refusal: input is discarded until the lingering close
 
         # -- header deadline -----------------------------------------------------------------
         def _arm(self) -> None:
@@ -73,7 +75,18 @@ def bounded_h11(
                 f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
             )
             self.transport.write(head.encode("latin-1") + body)
-            self.transport.close()
+            self._linger_close()
+
+        def _linger_close(self) -> None:
+            """Close after the answer, the way a refusal must: stop sending (FIN), keep discarding what
+            the client still sends for a moment, then close. Closing at once with unread input makes the
+            kernel send a reset, which can destroy the answer before the client reads it."""
+            self._refused = True
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+                self.loop.call_later(LINGER_S, self.transport.close)
+            else:  # pragma: no cover - every TCP transport can
+                self.transport.close()
 
         # -- protocol interface ---------------------------------------------------------------
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -85,7 +98,7 @@ def bounded_h11(
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
-            if self.transport.is_closing():
+            if self.transport.is_closing() or self._refused:
                 return
             awaiting_head = self.conn.their_state is h11.IDLE
             if awaiting_head and self._head_too_large(data):
