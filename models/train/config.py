@@ -101,7 +101,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=["auto", "bfloat16", "float32"],
         default=d.dtype,
-        help="auto: bf16 on GPUs and CPUs with AMX/AVX512-BF16, else fp32",
+        help="auto: bf16 on GPUs, fp32 on CPUs (ask for bfloat16 where the CPU has AMX/AVX512-BF16)",
     )
     p.add_argument("--resume", action="store_true", help="continue from OUT/.checkpoint")
     p.add_argument("--skip-bad", action="store_true", help="skip and count malformed lines")
