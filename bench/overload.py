@@ -1,7 +1,8 @@
 """Sustained overload against the default settings with a 10 s deadline: many clients, each sending
 requests of 8 long answers back to back (after a 429 a client waits `--backoff` seconds, not the
-Retry-After, so the pressure stays; `--honour-retry-after` makes them wait it, as RewardClient does). Counts 200/429/504, latency of accepted and refused requests, and
-the accepted throughput against an unloaded run (one client) of the same requests. Then memory under
+Retry-After, so the pressure stays; `--honour-retry-after` makes them wait it, as RewardClient does).
+Counts 200/429/504, latency of accepted and refused requests, and the accepted throughput against an
+unloaded run (one client) of the same requests. Then memory under
 stalled uploads: `--stalled` connections each send the headers and 1 MB of a larger body, then stall.
 
 Prints a summary and one JSON object on its last line.
