@@ -15,7 +15,7 @@ from service.edge import install_edge
 from service.engine import Limits, ScoringEngine
 from service.metrics import Metrics
 from service.routes import docs, health, openrlhf, rank, rerank, score, tei
-from service.runtimes import load_runtime, resolve_model_dir
+from service.runtimes import calibrate, load_runtime, resolve_model_dir
 from service.runtimes.base import Runtime
 from service.settings import Settings
 from service.state import ServiceState
@@ -51,9 +51,10 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         model_dir = resolve_model_dir(settings)
         runtime, tokenizer, cfg, card = await asyncio.to_thread(load_runtime, settings, model_dir)
+        await asyncio.to_thread(runtime.warmup)
+        rate = await asyncio.to_thread(calibrate, runtime)  # the batcher's prior drain rate
         if runtime_wrapper is not None:
             runtime = runtime_wrapper(runtime)
-        await asyncio.to_thread(runtime.warmup)
         formatter = Formatter(tokenizer, cfg.max_length, cfg.truncation)
         await asyncio.to_thread(probe_formatter, formatter, card["id"])
         batcher = Batcher(
@@ -67,6 +68,7 @@ def create_app(
             min_prefix=settings.prefix_min_tokens,
             max_pad_ratio=settings.max_pad_ratio,
         )
+        batcher.seed_rate(rate)
         batcher.start()
         state.engine = ScoringEngine(
             formatter,
@@ -79,6 +81,7 @@ def create_app(
                 settings.request_timeout_s,
                 settings.retry_after_s,
                 admit_wait_fraction=settings.admit_wait_fraction,
+                max_reward_queries=settings.max_reward_queries,
             ),
             metrics=state.metrics,
             log_texts=settings.log_texts,

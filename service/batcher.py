@@ -108,6 +108,7 @@ class Batcher:
         # tokens reserved by admitted requests still formatting, and the measured tokens/s.
         self.rate_smoothing = rate_smoothing
         self.tokens_per_s: float | None = None
+        self._seeded = False  # tokens_per_s is the start-up calibration, not yet a real pass
         self._outstanding_tokens = 0
         self._reserved_tokens = 0
         self._reserved_seqs = 0
@@ -207,12 +208,20 @@ class Batcher:
 
         return done
 
+    def seed_rate(self, tokens_per_s: float) -> None:
+        """A prior for the drain rate (a calibration pass at start-up), so admission can project from the
+        first request on; the first real pass replaces it."""
+        if tokens_per_s > 0:
+            self.tokens_per_s, self._seeded = tokens_per_s, True
+
     def _measured(self, tokens: int, seconds: float) -> None:
         if seconds <= 0 or tokens <= 0:
             return
         rate = tokens / seconds
         a = self.rate_smoothing
-        self.tokens_per_s = rate if self.tokens_per_s is None else (1 - a) * self.tokens_per_s + a * rate
+        first = self.tokens_per_s is None or self._seeded
+        self.tokens_per_s = rate if first else (1 - a) * self.tokens_per_s + a * rate  # type: ignore[operator]
+        self._seeded = False
 
     # -- worker ---------------------------------------------------------------------------------
     def _take_window(self) -> list[_Item]:

@@ -112,9 +112,8 @@ class EdgeMiddleware:
                     f"{self.in_flight} requests are in flight; at most {self.settings.max_in_flight} are allowed "
                     "(RMSERVE_MAX_IN_FLIGHT); retry shortly"
                 )
-                await send_error(
-                    send_raw, busy, {"Retry-After": "1", **({"Connection": "close"} if has_body(headers) else {})}
-                )
+                hdrs = refusal_headers(busy) | ({"Connection": "close"} if has_body(headers) else {})
+                await send_error(send_raw, busy, hdrs)
             else:
                 self.in_flight += counted
                 try:

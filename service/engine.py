@@ -24,6 +24,19 @@ class Limits:
     request_timeout_s: float = 60.0
     retry_after_s: int = 1
     admit_wait_fraction: float = 0.7  # admit only when the projected completion is within this of the deadline
+    max_reward_queries: int = 4096  # queries per /get_reward call (whole rollout batches)
+
+
+def rollout_deadline(n: int, request_timeout_s: float, max_responses: int) -> float:
+    """A rollout batch's deadline: RMSERVE_REQUEST_TIMEOUT_S per started block of RMSERVE_MAX_RESPONSES
+    queries (64 queries: 60 s; 1,024: 16 x 60 s), as if the batch came as that many ordinary requests."""
+    return request_timeout_s * max(1, math.ceil(n / max_responses))
+
+
+def rollout_slice(max_batch_size: int, max_queued: int) -> int:
+    """Queries per slice fed to the batcher: a few passes' worth, and two slices (the most in flight)
+    well under the queue limit, so a whole rollout batch never trips the 429 that guards the queue."""
+    return max(1, min(4 * max_batch_size, max_queued // 4))
 
 
 @dataclass(frozen=True)
@@ -85,6 +98,19 @@ class ScoringEngine:
             ) from None
         finally:
             reservation.release()
+
+    async def score_rollout(self, jobs: Sequence[Job], count_param: str) -> Scored:
+        """`score` for a whole rollout batch (OpenRLHF's /get_reward): up to `max_reward_queries`, a
+        deadline that grows with the batch (`rollout_deadline`), fed to the batcher in slices
+        (`rollout_slice`) so other clients' requests interleave."""
+        lim = self.limits
+        return await self.score(
+            jobs,
+            count_param,
+            max_count=(lim.max_reward_queries, "RMSERVE_MAX_REWARD_QUERIES"),
+            timeout_s=rollout_deadline(len(jobs), lim.request_timeout_s, lim.max_responses),
+            slice_size=rollout_slice(self.batcher.max_batch_size, self.batcher.max_queued),
+        )
 
     async def _encode_and_run(
         self, jobs: Sequence[Job], reservation: Reservation | None, slice_size: int | None = None

@@ -1,4 +1,5 @@
-"""One error hierarchy; the app converts it once to `{"error": {"message", "type", "param", "code"}}`."""
+"""One error hierarchy; the edge (service/edge.py) converts it once to `{"error": {"message", "type", "param",
+"code"}}`."""
 
 from __future__ import annotations
 

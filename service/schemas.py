@@ -1,4 +1,5 @@
-"""Request and response bodies and the error body; nothing else."""
+"""Request and response bodies and the error body, and the one step every route takes from its body:
+`jobs()`, the (prompt, answer) pairs to score as `Job`s."""
 
 from __future__ import annotations
 

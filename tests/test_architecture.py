@@ -28,8 +28,13 @@ def _imports() -> dict[str, set[str]]:
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the importing module's package
+                    pkg = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+                    pkg = pkg[: len(pkg) - (node.level - 1)]
+                    base = ".".join([*pkg, base] if base else pkg)
+                targets = [base] + [f"{base}.{a.name}" for a in node.names]
             for t in targets:
                 # the deepest project module the import names (a package's submodule or the package)
                 while t and t not in modules:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import math
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
@@ -60,13 +59,3 @@ async def until_disconnected(request: Request, aw: Awaitable[T]) -> T:
     except asyncio.CancelledError:
         task.cancel()
         raise
-
-
-def sigmoid(x: float) -> float:
-    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
-
-
-def activate(scores: Sequence[float], on: bool | None) -> list[float]:
-    """relevance_score: the raw reward, or sigmoid(reward) when the client asks (use_activation /
-    TEI's raw_scores=false)."""
-    return [sigmoid(s) for s in scores] if on else list(scores)

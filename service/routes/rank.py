@@ -1,24 +1,12 @@
 from __future__ import annotations
 
-import math
-
 from fastapi import APIRouter, Request
 
+from service.ranking import best_first, sigmoid, softmax
 from service.routes.deps import ERRORS, EngineDep, until_disconnected
 from service.schemas import Ranked, RankRequest, RankResponse, Usage
 
 router = APIRouter(tags=["scoring"], responses=ERRORS)
-
-
-def softmax(xs: list[float], temperature: float) -> list[float]:
-    m = max(xs)
-    e = [math.exp((x - m) / temperature) for x in xs]  # shifted before dividing: no inf/inf at tiny temperatures
-    s = sum(e)
-    return [v / s for v in e]
-
-
-def sigmoid(x: float) -> float:
-    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
 
 
 @router.post("/v1/rank", response_model=RankResponse, response_model_exclude_none=True)
@@ -30,7 +18,7 @@ async def rank(req: RankRequest, engine: EngineDep, request: Request) -> RankRes
     scored = await until_disconnected(request, engine.score(jobs, count_param))
     scores = engine.normalize(scored.scores, req.normalize)
     probs = softmax(scores, req.temperature)
-    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[: req.top_n or None]
+    order = best_first(scores, req.top_n)
     pairwise = [[sigmoid(a - b) for b in scores] for a in scores] if req.return_pairwise else None
     return RankResponse(
         model=engine.model_id,

@@ -8,7 +8,8 @@ import uuid
 from fastapi import APIRouter, Request
 
 from service.engine import ScoringEngine
-from service.routes.deps import ERRORS, EngineDep, activate, until_disconnected
+from service.ranking import activate, best_first
+from service.routes.deps import ERRORS, EngineDep, until_disconnected
 from service.schemas import (
     AnyRerankRequest,
     ApiVersion,
@@ -27,11 +28,6 @@ from service.schemas import (
 router = APIRouter(tags=["rerank"], responses=ERRORS)
 
 SEARCH_UNIT_DOCUMENTS = 100  # Cohere bills one search unit per query and up to 100 documents
-
-
-def best_first(scores: list[float], top_n: int | None) -> list[int]:
-    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
-    return order[:top_n] if top_n else order
 
 
 async def rerank_documents(

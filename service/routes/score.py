@@ -5,7 +5,8 @@ import uuid
 
 from fastapi import APIRouter, Request
 
-from service.routes.deps import ERRORS, EngineDep, activate, until_disconnected
+from service.ranking import activate
+from service.routes.deps import ERRORS, EngineDep, until_disconnected
 from service.schemas import (
     AnyScoreRequest,
     ScoreRequest,

@@ -7,7 +7,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from service.errors import NotReady
-from service.routes.deps import ERRORS, EngineDep, StateDep, activate, until_disconnected
+from service.ranking import activate
+from service.routes.deps import ERRORS, EngineDep, StateDep, until_disconnected
 from service.schemas import TEIPrediction, TEIPredictRequest
 
 router = APIRouter(tags=["tei"], responses=ERRORS)

@@ -163,6 +163,15 @@ def _load(settings: Settings, model_dir: Path, runtime: str, dtype: str) -> tupl
     return runtime_, tokenizer
 
 
+def calibrate(runtime: Runtime, sequences: int = 4, length: int = 128) -> float:
+    """Tokens per second of one pass of `sequences` distinct sequences of `length` tokens (ids 1..199, in
+    every vocabulary; no shared prefix), after the runtime's warm-up: the batcher's prior drain rate."""
+    seqs = [[(7 * i + 13 * k) % 199 + 1 for i in range(length)] for k in range(sequences)]
+    t = time.perf_counter()
+    runtime.score(seqs)
+    return sequences * length / max(time.perf_counter() - t, 1e-6)
+
+
 def load_runtime(settings: Settings, model_dir: Path) -> tuple[Runtime, Any, Any, dict[str, Any]]:
     """Load the model directory into the chosen runtime: (runtime, tokenizer, reward config, card).
 

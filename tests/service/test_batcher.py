@@ -193,3 +193,17 @@ def test_refusal_before_the_body_from_its_length() -> None:
     assert engine.refuse_before_body(1200) is None  # + 300 tokens: 6 s
     refused = engine.refuse_before_body(2400)  # + 600 tokens: 9 s
     assert refused is not None and refused.status == 429 and refused.retry_after == 2
+
+
+def test_a_seeded_rate_is_replaced_by_the_first_real_pass() -> None:
+    async def main() -> tuple[float | None, float | None]:
+        b = Batcher(lambda seqs: [0.0] * len(seqs), max_wait_s=0)
+        b.seed_rate(1000.0)
+        seeded = b.tokens_per_s
+        b.start()
+        await b.submit([[1] * 50])
+        await b.close()
+        return seeded, b.tokens_per_s
+
+    seeded, measured = asyncio.run(main())
+    assert seeded == 1000.0 and measured is not None and measured != 1000.0

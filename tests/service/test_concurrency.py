@@ -66,7 +66,9 @@ def test_64_concurrent_requests_each_get_their_own_score(rm_dir: Path) -> None:
                         for p, a in zip(prompts, answers, strict=True)
                     )
                 )
-            assert all(r.status_code == 200 for r in rs)
+            assert all(r.status_code == 200 for r in rs), [
+                (r.status_code, r.text[:200]) for r in rs if r.status_code != 200
+            ][:3]
             return [r.json()["scores"][0] for r in rs]
 
         got = asyncio.run(main())

@@ -137,7 +137,8 @@ def test_get_reward_takes_a_whole_rollout_batch(make_client: Callable[..., TestC
 
 
 def test_get_reward_deadline_scales_with_the_batch() -> None:
-    from service.routes.openrlhf import reward_deadline, reward_slice
+    from service.engine import rollout_deadline as reward_deadline
+    from service.engine import rollout_slice as reward_slice
 
     assert reward_deadline(1, 60.0, 64) == 60.0 and reward_deadline(64, 60.0, 64) == 60.0
     assert reward_deadline(65, 60.0, 64) == 120.0 and reward_deadline(1024, 60.0, 64) == 960.0
