@@ -125,6 +125,26 @@ class Batcher:
             return None
         return (self.tokens_ahead + tokens) / self.tokens_per_s
 
+    def projected_refusal(self, tokens: int, budget_s: float) -> QueueFull | None:
+        """The refusal, if any, for `tokens` more that must be scored within `budget_s`, by the projection
+        alone (no queue count, nothing reserved). Nothing ahead admits; before any measured rate, one
+        pass's token budget is admitted. Monotone in `tokens`: a lower bound never refuses what the
+        full estimate would admit."""
+        if not self.tokens_ahead:
+            return None
+        projected = self.projected_s(tokens)
+        if projected is None:
+            if self.tokens_ahead + tokens > self.max_batch_tokens:
+                return QueueFull("the first forward pass has not measured the throughput yet", retry_after_s=1.0)
+            return None
+        if projected > budget_s:
+            return QueueFull(
+                f"{self.tokens_ahead:,} tokens are ahead at {self.tokens_per_s:,.0f} tokens/s: this request would "
+                f"finish in about {projected:.1f} s, past its {budget_s:.1f} s budget",
+                retry_after_s=projected - budget_s,
+            )
+        return None
+
     def admit(self, seqs: int, tokens: int, budget_s: float) -> Reservation:
         """Admit `seqs` sequences of about `tokens` tokens that must be scored within `budget_s`, or raise
         QueueFull at once (before any formatting work) with the delay after which they would fit.
@@ -137,18 +157,9 @@ class Batcher:
         waiting = len(self._pending) + self._reserved_seqs
         if waiting + seqs > self.max_queued:
             raise QueueFull(f"{waiting} sequences are queued; the limit is {self.max_queued}")
-        projected = self.projected_s(tokens)
-        if not self.tokens_ahead:
-            pass
-        elif projected is None:
-            if self.tokens_ahead and self.tokens_ahead + tokens > self.max_batch_tokens:
-                raise QueueFull("the first forward pass has not measured the throughput yet", retry_after_s=1.0)
-        elif projected > budget_s:
-            raise QueueFull(
-                f"{self.tokens_ahead:,} tokens are ahead at {self.tokens_per_s:,.0f} tokens/s: this request would "
-                f"finish in about {projected:.1f} s, past its {budget_s:.1f} s budget",
-                retry_after_s=projected - budget_s,
-            )
+        late = self.projected_refusal(tokens, budget_s)
+        if late is not None:
+            raise late
         self._reserved_seqs += seqs
         self._reserved_tokens += tokens
         return Reservation(self, seqs, tokens)

@@ -144,17 +144,22 @@ class ScoringEngine:
         that refusing costs no JSON parse: the work ahead plus the body's bytes read as characters (a
         lower bound on the request's tokens: its prompt counts once here, once per answer when scored)
         would not finish within the admission budget. Nothing ahead admits, as in `admit`."""
-        budget = self.limits.request_timeout_s * self.limits.admit_wait_fraction
-        if not self.batcher.tokens_ahead:
-            return None
-        wait = self.batcher.projected_s(math.floor(body_bytes / max(self.chars_per_token, 1.0)))
-        if wait is None or wait <= budget:
-            return None
+        tokens = math.floor(body_bytes / max(self.chars_per_token, 1.0))
+        refusal = self.batcher.projected_refusal(tokens, self._budget())
+        return None if refusal is None else self._overloaded(refusal)
+
+    def _budget(self, timeout_s: float | None = None) -> float:
+        """Seconds a request's projected completion may take: `admit_wait_fraction` of its deadline."""
+        deadline = timeout_s if timeout_s is not None else self.limits.request_timeout_s
+        return deadline * self.limits.admit_wait_fraction
+
+    def _overloaded(self, e: QueueFull) -> Overloaded:
+        """The 429 for a refusal of the batcher's, counted, with Retry-After from its projection."""
         self.metrics.failures.labels("overloaded").inc()
+        wait = e.retry_after_s
         return Overloaded(
-            f"the service is at its admission limit: {self.batcher.tokens_ahead:,} tokens are ahead, about "
-            f"{wait:.1f} s of work, past the {budget:.1f} s admission budget; retry later",
-            retry_after=max(1, math.ceil(wait - budget)),
+            f"the service is at its admission limit: {e}; retry later",
+            retry_after=max(1, math.ceil(wait)) if wait is not None else self.limits.retry_after_s,
         )
 
     def estimate_tokens(self, jobs: Sequence[Job]) -> int:
@@ -167,18 +172,11 @@ class ScoringEngine:
         """429 at once when the work ahead (at the measured tokens/s) would not let these jobs finish
         within `admit_wait_fraction` of the deadline, or the queue is at RMSERVE_MAX_QUEUED (jobs sent
         in slices hold at most one slice's place in the queue at admission)."""
-        deadline = timeout_s if timeout_s is not None else self.limits.request_timeout_s
-        budget = deadline * self.limits.admit_wait_fraction
         seqs = min(len(jobs), slice_size) if slice_size else len(jobs)
         try:
-            return self.batcher.admit(seqs, self.estimate_tokens(jobs), budget)
+            return self.batcher.admit(seqs, self.estimate_tokens(jobs), self._budget(timeout_s))
         except QueueFull as e:
-            self.metrics.failures.labels("overloaded").inc()
-            wait = e.retry_after_s
-            raise Overloaded(
-                f"the service is at its admission limit: {e}; retry later",
-                retry_after=max(1, math.ceil(wait)) if wait is not None else self.limits.retry_after_s,
-            ) from None
+            raise self._overloaded(e) from None
 
     def _learn_chars_per_token(self, jobs: Sequence[Job], encoded: Sequence[Encoded]) -> None:
         pairs = [(_chars(j), len(e.ids)) for j, e in zip(jobs, encoded, strict=True) if not e.truncated]
@@ -262,12 +260,8 @@ class ScoringEngine:
             log.debug("scoring %d sequences: %s", len(seqs), [self.formatter.tokenizer.decode(s) for s in seqs])
         try:
             scores = await self.batcher.submit(seqs, reservation)
-        except QueueFull as e:
-            self.metrics.failures.labels("overloaded").inc()
-            raise Overloaded(
-                f"the service is at its admission limit: {e}; retry later",
-                retry_after=self.limits.retry_after_s,
-            ) from None
+        except QueueFull as e:  # the hard cap (RMSERVE_MAX_QUEUED) at submission
+            raise self._overloaded(e) from None
         except asyncio.CancelledError:
             raise
         except Exception as e:

@@ -173,15 +173,15 @@ def test_refusal_before_the_body_from_its_length() -> None:
     """The edge's admission check: nothing ahead admits; otherwise the work ahead plus the body's bytes
     (read as characters, over the learned characters per token) must fit the admission budget."""
     from types import SimpleNamespace
-    from typing import Any
 
     from service.engine import Limits, ScoringEngine
     from service.metrics import Metrics
 
-    fake: Any = SimpleNamespace(tokens_ahead=0, projected_s=lambda t: (fake.tokens_ahead + t) / 100.0)
+    batcher = Batcher(lambda seqs: [0.0] * len(seqs))
+    batcher.seed_rate(100.0)
     engine = ScoringEngine(
         SimpleNamespace(max_length=128),  # type: ignore[arg-type]
-        fake,
+        batcher,
         model_id="m",
         normalization=None,
         limits=Limits(request_timeout_s=10.0, admit_wait_fraction=0.7),
@@ -189,7 +189,7 @@ def test_refusal_before_the_body_from_its_length() -> None:
     )
     engine.chars_per_token = 4.0
     assert engine.refuse_before_body(1_000_000) is None  # idle: always admitted
-    fake.tokens_ahead = 300  # 3 s of work ahead at 100 tokens/s; the budget is 7 s
+    batcher.admit(1, 300, budget_s=60.0)  # 3 s of work ahead at 100 tokens/s; the budget is 7 s
     assert engine.refuse_before_body(1200) is None  # + 300 tokens: 6 s
     refused = engine.refuse_before_body(2400)  # + 600 tokens: 9 s
     assert refused is not None and refused.status == 429 and refused.retry_after == 2
