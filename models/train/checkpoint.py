@@ -160,9 +160,8 @@ def load_sharded_checkpoint(
         raise ValueError(f"--resume: {ck} was written without --sharding fsdp; resume it the way it was run")
     opts = StateDictOptions(ignore_frozen_params=True)
     model_sd, optim_sd = get_state_dict(model, opt, options=opts)
-    sd = {"model": model_sd, "optimizer": optim_sd}
-    dcp.load(sd, checkpoint_id=str(ck / SHARDED_DIR))
-    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"], options=opts)
+    dcp.load({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(ck / SHARDED_DIR))  # in place
+    set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd, options=opts)
     sched.load_state_dict(torch.load(ck / "scheduler.pt", weights_only=True)["scheduler"])
     torch.set_rng_state(load_file(str(ck / "rng.safetensors"))["cpu"])
     return int(state["step"]), list(state["history"])

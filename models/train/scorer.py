@@ -133,7 +133,7 @@ def batch_loss(rewards: torch.Tensor, batch: Batch, cfg: TrainConfig) -> tuple[t
     loss = terms.main / terms.prompts
     if terms.center is not None:
         loss = loss + terms.center / terms.responses
-    return loss, terms.correct / max(1, terms.pairs)
+    return loss, torch.tensor(terms.correct / max(1, terms.pairs))
 
 
 @dataclass
