@@ -158,9 +158,11 @@ def load_sharded_checkpoint(
     state = json.loads((ck / "state.json").read_text())
     if not state.get("sharded"):
         raise ValueError(f"--resume: {ck} was written without --sharding fsdp; resume it the way it was run")
-    opts = StateDictOptions(ignore_frozen_params=True)
-    model_sd, optim_sd = get_state_dict(model, opt, options=opts)
+    model_sd, optim_sd = get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
+    # every key of these dicts is read from the checkpoint (dcp.load fails on one it lacks); the frozen
+    # parameters are not in them, hence strict=False when they go back into the model
     dcp.load({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(ck / SHARDED_DIR))  # in place
+    opts = StateDictOptions(ignore_frozen_params=True, strict=False)
     set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd, options=opts)
     sched.load_state_dict(torch.load(ck / "scheduler.pt", weights_only=True)["scheduler"])
     torch.set_rng_state(load_file(str(ck / "rng.safetensors"))["cpu"])

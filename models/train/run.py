@@ -22,7 +22,7 @@ from models.train.batches import make_batches
 from models.train.card import normalization, write_card
 from models.train.checkpoint import remove_checkpoint
 from models.train.config import TrainConfig, check_config, config_from_args
-from models.train.distributed import Distributed
+from models.train.distributed import Distributed, dist_info
 from models.train.loop import Loop, LoopResult
 from models.train.methods import (
     add_head_dropout,
@@ -100,11 +100,13 @@ def build_batches(cfg: TrainConfig, groups: Sequence[EncodedExample]) -> list[li
     return [[order[k] for k in b] for b in make_batches([groups[i] for i in order], cfg.batch_tokens)]
 
 
-def check_distributed(cfg: TrainConfig, dist: Distributed) -> None:
-    """Refuse what does not combine with several processes or with FSDP, saying why and what to use."""
-    if not dist.collective:
+def check_distributed(cfg: TrainConfig, world: int) -> None:
+    """Refuse what does not combine with several processes (`world`, torchrun's) or with --sharding
+    fsdp, saying why and what to use. Runs before any process group is joined."""
+    fsdp = cfg.sharding == "fsdp"
+    if world == 1 and not fsdp:
         return
-    how = "--sharding fsdp" if dist.fsdp else f"DDP on {dist.world} processes"
+    how = "--sharding fsdp" if fsdp else f"DDP on {world} processes"
     if cfg.early_stopping_patience:
         raise ValueError(
             f"--early-stopping-patience does not combine with {how}: it keeps the best weights as whole tensors "
@@ -183,8 +185,15 @@ def gather_full_model(cfg: TrainConfig, sharded: RewardModel, dist: Distributed)
 
 def train(cfg: TrainConfig) -> Path:
     check_config(cfg)
+    check_distributed(cfg, dist_info()[1])
     dist = Distributed.start(cfg.device, cfg.sharding)
-    check_distributed(cfg, dist)
+    try:
+        return _train(cfg, dist)
+    finally:
+        dist.close()  # also after an error, so no process group outlives the run
+
+
+def _train(cfg: TrainConfig, dist: Distributed) -> Path:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     out = Path(cfg.out)
@@ -221,7 +230,6 @@ def train(cfg: TrainConfig) -> Path:
     result = loop.run(out)
     seconds = round(time.time() - t_start, 1)
     if result.halted:
-        dist.close()
         return out
     memory = loop.memory_all_ranks()
     trainable_parameters = sum(p.numel() for p in loop.trainable)
@@ -250,7 +258,6 @@ def train(cfg: TrainConfig) -> Path:
     if result.early_stopping is not None:
         record["early_stopping"] = result.early_stopping
     finish(cfg, model, tok, scorer, data, result, record)
-    dist.close()
     remove_checkpoint(out)
     return out
 

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synthetic(tmp_path_factory.mktemp("dist") / "syn.jsonl", 60, seed=3)
+    return synthetic(tmp_path_factory.mktemp("dist") / "syn.jsonl", 44, seed=3)
 
 
 def train_args(llama_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -72,24 +72,98 @@ def training(out: Path) -> dict[str, Any]:
     return dict(json.loads((out / "metrics.json").read_text())["training"])
 
 
-def test_same_losses_one_process_ddp_fsdp(tmp_path: Path, llama_dir: Path, data: Path) -> None:
-    one = tmp_path / "one"
-    assert cli(train_args(llama_dir, data, one, "--grad-accum", "2")) == 0
-    torchrun(train_args(llama_dir, data, tmp_path / "ddp"))
-    torchrun(train_args(llama_dir, data, tmp_path / "fsdp", "--sharding", "fsdp"))
-    a, b, c = losses(one), losses(tmp_path / "ddp"), losses(tmp_path / "fsdp")
-    print("step  one-process-ga2  ddp-2  fsdp-2")
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path, data: Path) -> dict[str, Path]:
+    """The same recipe three ways: one process with --grad-accum 2, DDP on 2 ranks, FSDP on 2 ranks."""
+    tmp = tmp_path_factory.mktemp("runs")
+    assert cli(train_args(llama_dir, data, tmp / "one", "--grad-accum", "2")) == 0
+    torchrun(train_args(llama_dir, data, tmp / "ddp"))
+    torchrun(train_args(llama_dir, data, tmp / "fsdp", "--sharding", "fsdp"))
+    return {"one": tmp / "one", "ddp": tmp / "ddp", "fsdp": tmp / "fsdp"}
+
+
+def test_same_losses_one_process_ddp_fsdp(runs: dict[str, Path], llama_dir: Path, data: Path) -> None:
+    from models.train import TrainConfig, build_batches, load_data, load_model
+
+    a, b, c = losses(runs["one"]), losses(runs["ddp"]), losses(runs["fsdp"])
+    print("\nstep  one process, --grad-accum 2  DDP, 2 ranks  FSDP, 2 ranks")
     for k, (x, y, z) in enumerate(zip(a, b, c, strict=True)):
         print(f"{k + 1:4d}  {x:.6f}  {y:.6f}  {z:.6f}")
-    assert len(a) == len(b) == len(c) >= 4
+    # The recipe's micro-batch count is odd: the last step has one micro-batch, so on 2 ranks one
+    # rank runs a weight-0 repeat there, and the remainder still counts the same as on one process.
+    cfg = TrainConfig(backbone=str(llama_dir), data=[str(data)], out="unused", batch_tokens=300, dev_fraction=0.1)
+    model, tok = load_model(cfg)
+    n_micro = len(build_batches(cfg, load_data(cfg, model.formatter(tok)).train))
+    assert n_micro % 2 == 1 and len(a) == len(b) == len(c) == (n_micro + 1) // 2 >= 4
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4
     assert max(abs(x - z) for x, z in zip(a, c, strict=True)) < 1e-4
-    # memory: FSDP's parameters (and optimizer state) per rank are about half of one process's
-    m1 = training(one)["memory_per_rank"][0]
-    mf = training(tmp_path / "fsdp")["memory_per_rank"]
-    print("memory one process", m1, "fsdp per rank", mf)
-    assert len(mf) == 2
+    accs = [[h["accuracy"] for h in json.loads((runs[k] / "metrics.json").read_text())["history"]] for k in runs]
+    assert accs[0] == accs[1] == accs[2]
+    assert training(runs["fsdp"])["sharding"] == "fsdp" and training(runs["fsdp"])["world_size"] == 2
+
+
+def test_fsdp_memory_per_rank_about_half(runs: dict[str, Path]) -> None:
+    m1 = training(runs["one"])["memory_per_rank"]
+    mf = training(runs["fsdp"])["memory_per_rank"]
+    md = training(runs["ddp"])["memory_per_rank"]
+    print("\nbytes per rank: one process", m1, "\nDDP, 2 ranks", md, "\nFSDP, 2 ranks", mf)
+    assert len(m1) == 1 and len(md) == 2 and len(mf) == 2
+    assert md[0] == md[1] == m1[0]  # DDP: a full copy of everything on every rank
     for rank in mf:
-        assert rank["parameters"] <= 0.6 * m1["parameters"]
-        assert rank["optimizer_state"] <= 0.6 * m1["optimizer_state"]
-    assert training(tmp_path / "fsdp")["sharding"] == "fsdp"
+        for kind in ("parameters", "gradients", "optimizer_state"):
+            assert 0 < rank[kind] <= 0.6 * m1[0][kind], (kind, rank, m1)
+
+
+def test_fsdp_output_is_the_same_model_and_loads(runs: dict[str, Path]) -> None:
+    """The full state dict gathered on rank 0 is the model DDP trained (within fp32 noise), saved in the
+    model's normal format: it loads and scores like the DDP model."""
+    import torch
+
+    from models.reward_model import RewardModel
+
+    fsdp, tok = RewardModel.load(runs["fsdp"])
+    ddp, _ = RewardModel.load(runs["ddp"])
+    sd_f, sd_d = fsdp.state_dict(), ddp.state_dict()
+    assert sd_f.keys() == sd_d.keys()
+    assert max((sd_f[k] - sd_d[k]).abs().max().item() for k in sd_f) < 1e-4
+    seqs = [tok("the quick GOOD")["input_ids"], tok("lazy dog BAD BAD")["input_ids"]]
+    r_f = torch.tensor(fsdp.score_ids(seqs, tok.pad_token_id))
+    r_d = torch.tensor(ddp.score_ids(seqs, tok.pad_token_id))
+    assert torch.allclose(r_f, r_d, atol=1e-4)
+    assert training(runs["fsdp"])["trainable_tensors_changed"] == training(runs["fsdp"])["trainable_tensors"] > 0
+
+
+def test_fsdp_halt_and_resume_is_exact(runs: dict[str, Path], llama_dir: Path, data: Path, tmp_path: Path) -> None:
+    """Halted after step 5 with sharded (torch.distributed.checkpoint) checkpoints every 2 steps, then
+    resumed from step 4: the same losses as the uninterrupted FSDP run."""
+    out = tmp_path / "halted"
+    args = train_args(llama_dir, data, out, "--sharding", "fsdp", "--save-every", "2")
+    torchrun([*args, "--halt-after", "5"])
+    assert not (out / "metrics.json").exists()
+    ck = out / ".checkpoint"
+    assert json.loads((ck / "state.json").read_text())["step"] == 4
+    assert any((ck / "sharded").glob("*.distcp"))
+    torchrun([*args, "--resume"])
+    assert losses(out) == losses(runs["fsdp"])
+
+
+def test_refusals_name_what_does_not_combine(tmp_path: Path, llama_dir: Path, data: Path) -> None:
+    """What runs outside the DDP/FSDP wrapper, or keeps whole tensors on one process, is refused before
+    any process group is joined."""
+    from models.train import config_from_args, train
+    from service.cli import build_parser
+
+    def refused(*extra: str) -> str:
+        args = build_parser().parse_args(train_args(llama_dir, data, tmp_path / "x", "--sharding", "fsdp", *extra))
+        with pytest.raises(ValueError) as e:
+            train(config_from_args(args))
+        return str(e.value)
+
+    assert "--prefix-sharing on does not combine with --sharding fsdp" in refused("--prefix-sharing", "on")
+    msg = refused("--method", "top-n", "--top-n", "1", "--cache-frozen", "on")
+    assert "--cache-frozen on does not combine with --sharding fsdp" in msg and "gradients" in msg
+    msg = refused("--early-stopping-patience", "2", "--eval-every", "2")
+    assert "--early-stopping-patience does not combine with --sharding fsdp" in msg
+    import torch.distributed as tdist
+
+    assert not tdist.is_initialized()
