@@ -43,7 +43,23 @@ def examples(data_dir: Path, n: int, seed: int = 0) -> tuple[list[Any], str]:
         exs = [e for e in read_file(files[0])[0]]
         return random.Random(seed).sample(exs, min(n, len(exs))), f"hh-rlhf ({files[0].name})"
     rng = random.Random(seed)
-    words = "the a bread flour water yeast oven bake knead rise salt sugar warm hour dough".split()
+    words = [
+        "the",
+        "a",
+        "bread",
+        "flour",
+        "water",
+        "yeast",
+        "oven",
+        "bake",
+        "knead",
+        "rise",
+        "salt",
+        "sugar",
+        "warm",
+        "hour",
+        "dough",
+    ]
     out = []
     for _ in range(n):
         q = " ".join(rng.choice(words) for _ in range(rng.randint(8, 40)))
@@ -109,7 +125,8 @@ def finetune(backbone: Path, device: str, exs: list[Any], steps: int, batch_toke
         cmd += ["--dtype", dtype, "--batch-tokens", str(batch_tokens), "--lr", "1e-5", "--dev-fraction", "0.1"]
         cmd += ["--sharding", sharding, "--norm-samples", "32", "--max-length", "512", "--cache-dir", "none"]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
         seconds = time.perf_counter() - t0
         if proc.returncode != 0:
             out[sharding] = {"error": proc.stderr[-2000:]}
@@ -130,8 +147,6 @@ def finetune(backbone: Path, device: str, exs: list[Any], steps: int, batch_toke
 
 def parity(model_dir: Path, device: str, exs: list[Any]) -> dict[str, Any]:
     """Rewards on `device` in bf16 against CPU fp32 on the same pairs."""
-    import torch
-
     from models.reward_model import RewardModel
 
     ref, tok = RewardModel.load(model_dir, dtype="float32")
@@ -143,7 +158,8 @@ def parity(model_dir: Path, device: str, exs: list[Any]) -> dict[str, Any]:
     got_model, _ = RewardModel.load(model_dir, dtype="bfloat16")
     got_model.to(device).eval()
     got = got_model.score_ids(flat, tok.pad_token_id)
-    pp = pair_parity([want[i : i + 2] for i in range(0, len(flat), 2)], [got[i : i + 2] for i in range(0, len(flat), 2)])
+    halves = range(0, len(flat), 2)
+    pp = pair_parity([want[i : i + 2] for i in halves], [got[i : i + 2] for i in halves])
     return {"pairs": len(pairs), "against": "cpu float32", "dtype": "bfloat16", "device": device, **pp}
 
 

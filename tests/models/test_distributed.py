@@ -167,3 +167,47 @@ def test_refusals_name_what_does_not_combine(tmp_path: Path, llama_dir: Path, da
     import torch.distributed as tdist
 
     assert not tdist.is_initialized()
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        ["--method", "top-n", "--top-n", "1"],
+        ["--method", "lora", "--lora-rank", "4", "--dtype", "bfloat16", "--gradient-checkpointing"],
+    ],
+    ids=["top-n", "lora-bf16-checkpointing"],
+)
+def test_methods_train_sharded(tmp_path: Path, llama_dir: Path, data: Path, method: list[str]) -> None:
+    """top-N layers and LoRA (peft) train under FSDP on 2 ranks (LoRA in bf16 mixed precision with
+    gradient checkpointing), with dev evaluation on every rank along the way; every trainable tensor
+    moves, the frozen ones do not, and the shipped `trained/` tensors are written."""
+    out = tmp_path / "rm"
+    torchrun(train_args(llama_dir, data, out, "--sharding", "fsdp", "--eval-every", "3", *method))
+    tr = training(out)
+    assert tr["trainable_tensors_changed"] == tr["trainable_tensors"] > 0
+    assert any("dev" in h for h in json.loads((out / "metrics.json").read_text())["history"])
+    assert (out / "trained").is_dir()
+    from models.reward_model import RewardModel
+
+    model, _ = RewardModel.load(out)
+    base, _ = RewardModel.from_backbone(llama_dir)
+    sd, sd0 = model.body.state_dict(), base.body.state_dict()
+    if method[1] == "top-n":
+        import torch
+
+        assert torch.equal(sd["layers.0.mlp.up_proj.weight"], sd0["layers.0.mlp.up_proj.weight"])  # frozen
+        assert not torch.equal(sd["layers.1.mlp.up_proj.weight"], sd0["layers.1.mlp.up_proj.weight"])
+
+
+def test_fsdp_on_one_process_matches_and_resumes(tmp_path: Path, llama_dir: Path, data: Path) -> None:
+    """FSDP on a group of one (no torchrun): the losses of the plain process, and a halt + resume from
+    its sharded checkpoint gives them again (quick, in this process)."""
+    plain, fsdp, halted = tmp_path / "plain", tmp_path / "fsdp", tmp_path / "halted"
+    assert cli(train_args(llama_dir, data, plain, "--grad-accum", "2")) == 0
+    assert cli(train_args(llama_dir, data, fsdp, "--grad-accum", "2", "--sharding", "fsdp")) == 0
+    a, b = losses(plain), losses(fsdp)
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5 and len(a) == len(b)
+    args = train_args(llama_dir, data, halted, "--grad-accum", "2", "--sharding", "fsdp", "--save-every", "2")
+    assert cli([*args, "--halt-after", "3"]) == 0
+    assert cli([*args, "--resume"]) == 0
+    assert losses(halted) == b
