@@ -131,6 +131,15 @@ def test_fsdp_output_is_the_same_model_and_loads(runs: dict[str, Path]) -> None:
     r_d = torch.tensor(ddp.score_ids(seqs, tok.pad_token_id))
     assert torch.allclose(r_f, r_d, atol=1e-4)
     assert training(runs["fsdp"])["trainable_tensors_changed"] == training(runs["fsdp"])["trainable_tensors"] > 0
+    # In the standard transformers format (issue 22's save), transformers itself scores it the same.
+    arch = json.loads((runs["fsdp"] / "config.json").read_text()).get("architectures") or [""]
+    if arch[0].endswith("ForSequenceClassification"):
+        from transformers import AutoModelForSequenceClassification
+
+        hf = AutoModelForSequenceClassification.from_pretrained(runs["fsdp"], dtype=torch.float32).eval()
+        with torch.no_grad():
+            r_hf = torch.tensor([hf(input_ids=torch.tensor([s])).logits[0, 0].item() for s in seqs])
+        assert torch.allclose(r_hf, r_f, atol=1e-5), (r_hf, r_f)
 
 
 def test_fsdp_halt_and_resume_is_exact(runs: dict[str, Path], llama_dir: Path, data: Path, tmp_path: Path) -> None:
