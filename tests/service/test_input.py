@@ -1,0 +1,199 @@
+"""Input the service refuses before it does work, and what a typed API accepts: the message limit
+(RMSERVE_MAX_MESSAGES), strict numbers and booleans, message contents, and `param` on every 422."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from service.settings import Settings
+from tests.service.conftest import live_server
+
+TURN = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
+
+
+def msgs(n: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": "w"} for _ in range(n)]
+
+
+def test_message_limit_refuses_every_route_with_413_naming_the_prompt(make_client: Callable[..., TestClient]) -> None:
+    c = make_client(max_messages=4)
+    ok = c.post("/v1/score", json={"prompt": msgs(4), "responses": ["a"]})
+    assert ok.status_code == 200, ok.text
+    cases = [
+        ("/v1/score", {"prompt": msgs(5), "responses": ["a"]}, "prompt"),
+        (
+            "/v1/score",
+            {"items": [{"prompt": "x", "response": "a"}, {"prompt": msgs(5), "response": "b"}]},
+            "items[1].prompt",
+        ),
+        ("/v1/rank", {"prompt": msgs(5), "responses": ["a", "b"]}, "prompt"),
+        # templated text parsed into messages: counted by its turns
+        ("/get_reward", {"query": ["ok", TURN * 5]}, "query[1]"),
+        ("/v1/score", {"prompt": TURN * 5 + "<|im_start|>user\nq<|im_end|>\n", "responses": ["a"]}, "prompt"),
+        ("/v1/rerank", {"query": TURN * 5, "documents": ["a"]}, "query"),
+        ("/score", {"text_1": TURN * 5, "text_2": ["a"]}, "text_1"),
+        ("/predict", {"inputs": TURN * 5}, "inputs"),
+    ]
+    for route, body, param in cases:
+        r = c.post(route, json=body)
+        err = r.json()["error"]
+        assert r.status_code == 413 and err["code"] == "too_many_messages", (route, r.text)
+        assert err["param"] == param and "RMSERVE_MAX_MESSAGES" in err["message"], (route, err)
+
+
+def post_raw(url: str, path: str, body: bytes) -> tuple[int, dict]:
+    """POST over a plain socket (sendall releases the GIL: the in-process server is not slowed by the
+    client's own HTTP machinery); returns (status, JSON body)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        s.sendall(head.encode() + b"Connection: close\r\n\r\n" + body)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    status = int(data.split(b" ", 2)[1])
+    return status, json.loads(data.split(b"\r\n\r\n", 1)[1])
+
+
+def test_100k_messages_are_refused_fast_and_health_stays_quick(rm_dir: Path) -> None:
+    """The issue's case: 100,000 one-word messages (about 3 MB, under the body limit) cost 7-9 s of CPU
+    and stalled /health for 1.05 s. Now: a 413 before the body is parsed, /health under 100 ms."""
+    body = json.dumps(
+        {"prompt": [{"role": "user", "content": f"w{i % 10}"} for i in range(100_000)], "responses": ["a"]}
+    )
+    assert 3_000_000 < len(body) < 8 * 1024 * 1024
+    with live_server(Settings(model=str(rm_dir), dtype="float32")) as url:
+        times: list[float] = []
+        done = threading.Event()
+
+        def probe() -> None:
+            with httpx.Client(base_url=url, timeout=5) as h:
+                h.get("/health")  # the connection is made before the timing starts
+                while not done.is_set():
+                    t0 = time.perf_counter()
+                    assert h.get("/health").status_code == 200
+                    times.append(time.perf_counter() - t0)
+                    time.sleep(0.005)
+
+        th = threading.Thread(target=probe)
+        th.start()
+        try:
+            posts, start = 0, time.perf_counter()
+            while posts < 3 or time.perf_counter() - start < 1.5:  # probes run throughout
+                posts += 1
+                t0 = time.perf_counter()
+                status, answer = post_raw(url, "/v1/score", body.encode())
+                took = time.perf_counter() - t0
+                assert status == 413 and answer["error"]["param"] == "prompt", answer
+                assert (
+                    answer["error"]["code"] == "too_many_messages" and "100,000 messages" in answer["error"]["message"]
+                )
+                assert took < 1.0, took
+        finally:
+            done.set()
+            th.join()
+        assert len(times) >= 10 and max(times) < 0.1, sorted(times)[-5:]
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "param"),
+    [
+        ("/v1/score", {"prompt": "x", "responses": ["a"], "normalize": "yes"}, "normalize"),
+        ("/v1/score", {"prompt": "x", "responses": ["a"], "normalize": 1}, "normalize"),
+        ("/v1/rank", {"prompt": "x", "responses": ["a", "b"], "top_n": "2"}, "top_n"),
+        ("/v1/rank", {"prompt": "x", "responses": ["a", "b"], "top_n": True}, "top_n"),
+        ("/v1/rank", {"prompt": "x", "responses": ["a", "b"], "temperature": "1"}, "temperature"),
+        ("/v1/rank", {"prompt": "x", "responses": ["a", "b"], "return_pairwise": "true"}, "return_pairwise"),
+        ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": "1"}, "top_n"),
+        ("/v1/rerank", {"query": "q", "documents": ["a"], "return_documents": 0}, "return_documents"),
+        ("/score", {"text_1": "q", "text_2": ["a"], "use_activation": "yes"}, "use_activation"),
+        ("/rerank", {"query": "q", "texts": ["a"], "raw_scores": "false"}, "raw_scores"),
+        ("/predict", {"inputs": "a", "truncate": 1}, "truncate"),
+    ],
+)
+def test_numbers_and_booleans_are_strict(client: TestClient, route: str, body: dict, param: str) -> None:
+    r = client.post(route, json=body)
+    assert r.status_code == 422 and r.json()["error"]["param"] == param, r.text
+
+
+def test_ints_stay_valid_for_floats_and_strict_values_pass(client: TestClient) -> None:
+    a = client.post("/v1/rank", json={"prompt": "x", "responses": ["a", "b"], "temperature": 1, "top_n": 1})
+    b = client.post("/v1/rank", json={"prompt": "x", "responses": ["a", "b"], "temperature": 1.0, "top_n": 1})
+    assert a.status_code == b.status_code == 200 and a.json()["ranking"] == b.json()["ranking"]
+
+
+def test_message_content_is_required_and_tool_calls_stay_valid(client: TestClient) -> None:
+    r = client.post(
+        "/v1/score", json={"items": [{"prompt": [{"role": "user", "content": "q"}, {"role": "user"}], "response": "a"}]}
+    )
+    assert r.status_code == 422 and r.json()["error"]["param"] == "items[0].prompt[1].content", r.text
+    r = client.post("/v1/score", json={"prompt": [{"role": "user", "content": None}], "responses": ["a"]})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "prompt[0].content", r.text
+    call = {"type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+    convo = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "user", "content": "And?"},
+    ]
+    rendered = '<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    same = [convo[0], {"role": "assistant", "content": rendered}, convo[2]]
+    a = client.post("/v1/score", json={"prompt": convo, "responses": ["Sunny."]})
+    b = client.post("/v1/score", json={"prompt": same, "responses": ["Sunny."]})
+    assert a.status_code == 200, a.text
+    assert a.json()["scores"] == b.json()["scores"]  # scored as the TRL adapter renders tool calls
+    left_out = [convo[0], {"role": "assistant", "tool_calls": [call]}, convo[2]]
+    assert (
+        client.post("/v1/score", json={"prompt": left_out, "responses": ["Sunny."]}).json()["scores"]
+        == a.json()["scores"]
+    )
+    user_calls = [{"role": "user", "content": "x", "tool_calls": [call]}]
+    r = client.post("/v1/score", json={"prompt": user_calls, "responses": ["a"]})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "prompt[0].tool_calls"
+
+
+BAD_BODIES = [
+    ("/v1/score", {"prompt": "x"}, "responses"),
+    ("/v1/score", {"responses": ["a"]}, "prompt"),
+    ("/v1/score", {"prompt": "x", "responses": ["a"], "items": []}, "items"),
+    ("/v1/score", {"items": [{"prompt": "x"}]}, "items[0].response"),
+    ("/v1/score", {"prompt": [{"role": "robot", "content": "x"}], "responses": ["a"]}, "prompt[0].role"),
+    ("/v1/score", [1, 2], "body"),
+    ("/v1/score", {"text_1": "a"}, "text_2"),
+    ("/score", {"text_1": ["a", "b"], "text_2": ["x", "y", "z"]}, "text_1"),
+    ("/score", {"text_1": [], "text_2": ["x"]}, "text_1"),
+    ("/score", {"queries": "q"}, "documents"),
+    ("/score", {"text_1": "q", "text_2": "a", "max_tokens_per_query": 5}, "max_tokens_per_query"),
+    ("/v1/rank", {"prompt": "x"}, "responses"),
+    ("/v1/rank", {"prompt": "x", "responses": ["a"], "top_n": -1}, "top_n"),
+    ("/v1/rerank", {"query": "q", "documents": [{"txt": "a"}]}, "documents[0].text"),
+    ("/v1/rerank", {"query": "q", "documents": [{"a": 1}], "rank_fields": ["a", "b"]}, "documents[0].b"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"], "max_chunks_per_doc": 10}, "max_chunks_per_doc"),
+    ("/v2/rerank", {"query": "q", "documents": ["a"], "max_tokens_per_doc": -1}, "max_tokens_per_doc"),
+    ("/v2/rerank", {"query": "q", "documents": ["a"], "truncate_prompt_tokens": 100_000}, "truncate_prompt_tokens"),
+    ("/v2/rerank", {"query": "q", "documents": ["a"], "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+    ("/rerank", {"query": "q"}, "documents"),
+    ("/rerank", {"query": "q", "texts": "a"}, "texts"),
+    ("/predict", {"inputs": [["a", "b", "c"]]}, "inputs[0]"),
+    ("/predict", {}, "inputs"),
+    ("/get_reward", {"query": "x"}, "query"),
+    ("/get_reward", {"query": ["a", "b"], "prompts": ["a"]}, "prompts"),
+    ("/get_reward", {}, "query"),
+]
+
+
+@pytest.mark.parametrize(("route", "body", "param"), BAD_BODIES)
+def test_every_422_names_its_field(client: TestClient, route: str, body: object, param: str) -> None:
+    r = client.post(route, json=body)
+    err = r.json()["error"]
+    assert r.status_code == 422, (route, body, r.text)
+    assert err["param"] == param, (route, body, err)
+    assert err["message"]
