@@ -197,3 +197,70 @@ def test_every_422_names_its_field(client: TestClient, route: str, body: object,
     assert r.status_code == 422, (route, body, r.text)
     assert err["param"] == param, (route, body, err)
     assert err["message"]
+
+
+LONG = "The quick brown fox jumps over the lazy dog. " * 3
+QUERY = "How do I bake bread?"
+
+
+def test_vllm_truncate_prompt_tokens_keeps_the_last_tokens(client: TestClient) -> None:
+    """As vLLM's TokenizeParams._token_truncation (vllm/renderers/params.py): the last N tokens of the
+    sequence (the first N with truncation_side 'right'), scored and reported as truncated."""
+    state = client.app.state.rm  # type: ignore[attr-defined]
+    enc = state.engine.formatter.encode(QUERY, LONG, param="text_2")
+    n = 12
+    assert len(enc.ids) > n and not enc.truncated
+    want_left, want_right = state.runtime.score([enc.ids[-n:], enc.ids[:n]])
+    full = client.post("/score", json={"text_1": QUERY, "text_2": LONG}).json()
+    assert full["data"][0]["truncated"] is False and full["usage"]["prompt_tokens"] == len(enc.ids)
+    for route, body in (
+        ("/score", {"text_1": QUERY, "text_2": [LONG]}),
+        ("/v1/rerank", {"query": QUERY, "documents": [LONG]}),
+    ):
+        left = client.post(route, json={**body, "truncate_prompt_tokens": n}).json()
+        right = client.post(route, json={**body, "truncate_prompt_tokens": n, "truncation_side": "right"}).json()
+        rows_l = left.get("data") or left.get("results")
+        rows_r = right.get("data") or right.get("results")
+        key = "score" if "data" in left else "relevance_score"
+        assert rows_l[0]["truncated"] is True and rows_r[0]["truncated"] is True, route
+        assert rows_l[0][key] == pytest.approx(want_left, abs=1e-6), route
+        assert rows_r[0][key] == pytest.approx(want_right, abs=1e-6), route
+        assert left["usage"]["prompt_tokens"] == n
+    same = client.post("/score", json={"text_1": QUERY, "text_2": LONG, "truncate_prompt_tokens": -1}).json()
+    assert same["data"] == full["data"]
+
+
+def test_max_tokens_per_doc_cuts_each_document_to_its_first_tokens(client: TestClient) -> None:
+    state = client.app.state.rm  # type: ignore[attr-defined]
+    tok = state.engine.formatter.tokenizer
+    doc = LONG.strip()
+    offsets = tok(doc, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    n = 5
+    head = doc[: offsets[n - 1][1]]
+    cut = client.post("/v2/rerank", json={"query": QUERY, "documents": [doc, "Short."], "max_tokens_per_doc": n}).json()
+    ref = client.post("/v2/rerank", json={"query": QUERY, "documents": [head, "Short."]}).json()
+    by_index = {r["index"]: r for r in cut["results"]}
+    ref_index = {r["index"]: r for r in ref["results"]}
+    assert by_index[0]["relevance_score"] == pytest.approx(ref_index[0]["relevance_score"], abs=1e-6)
+    assert by_index[0]["truncated"] is True and by_index[1]["truncated"] is False
+    assert by_index[0]["document"] == {"text": doc}  # the document as sent
+    uncut = client.post("/v2/rerank", json={"query": QUERY, "documents": [doc], "max_tokens_per_doc": 4096}).json()
+    assert uncut["results"][0]["truncated"] is False
+
+
+def test_rank_fields_score_key_value_lines_in_order(client: TestClient) -> None:
+    docs = [{"title": "Bread", "text": "Mix flour and water.", "year": 2020}, {"title": "Fox", "text": "No idea."}]
+    r = client.post("/v1/rerank", json={"query": QUERY, "documents": docs, "rank_fields": ["text", "title"]})
+    assert r.status_code == 200, r.text
+    as_text = ["text: Mix flour and water.\ntitle: Bread", "text: No idea.\ntitle: Fox"]
+    ref = client.post("/v1/rerank", json={"query": QUERY, "documents": as_text}).json()
+    got = {x["index"]: x for x in r.json()["results"]}
+    assert {x["index"]: x["relevance_score"] for x in ref["results"]} == pytest.approx(
+        {i: x["relevance_score"] for i, x in got.items()}, abs=1e-6
+    )
+    assert got[0]["document"] == docs[0]  # structured documents come back as sent
+    year = client.post("/v1/rerank", json={"query": QUERY, "documents": docs[:1], "rank_fields": ["year"]}).json()
+    alone = client.post("/v1/rerank", json={"query": QUERY, "documents": ["year: 2020"]}).json()
+    assert year["results"][0]["relevance_score"] == pytest.approx(alone["results"][0]["relevance_score"], abs=1e-6)
+    plain = client.post("/v1/rerank", json={"query": QUERY, "documents": [{"text": "No idea.", "id": 7}]}).json()
+    assert plain["results"][0]["document"] == {"text": "No idea.", "id": 7}
