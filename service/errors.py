@@ -30,6 +30,11 @@ class PayloadTooLarge(ServiceError):
     type = "payload_too_large"
 
 
+class UnsupportedMediaType(ServiceError):
+    status = 415
+    type = "unsupported_media_type"
+
+
 class Unauthorized(ServiceError):
     status = 401
     type = "authentication_error"

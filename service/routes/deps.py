@@ -18,7 +18,7 @@ from service.state import ServiceState
 T = TypeVar("T")
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 413, 422, 429, 500, 503, 504)
+    code: {"model": ErrorBody} for code in (400, 401, 413, 415, 422, 429, 500, 503, 504)
 }
 
 
