@@ -171,7 +171,7 @@ class EdgeMiddleware:
                 "route's path, for clients that cannot send headers)",
                 code="invalid_api_key",
             )
-        media = unsupported_media(headers)
+        media = unsupported_media(headers) if has_body(headers) else None  # probes never carry a body
         if media is not None:
             return media
         if b"content-length" in headers and b"chunked" in headers.get(b"transfer-encoding", b"").lower():

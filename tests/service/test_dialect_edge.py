@@ -123,3 +123,9 @@ def test_path_key_stays_out_of_logs_and_the_access_log(rm_dir: Path, caplog: pyt
     server_lines = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith(("httpx", "httpcore")))
     assert server_lines and KEY not in server_lines and "not-the-key" not in server_lines and "/k/" not in server_lines
     assert KEY not in metrics and "/k/" not in metrics
+
+
+def test_probes_answer_whatever_their_content_headers(client: TestClient) -> None:
+    odd = {"content-type": "text/plain; charset=latin-1", "content-encoding": "br"}
+    for route in ("/health", "/ready", "/metrics"):
+        assert client.get(route, headers=odd).status_code == 200, route

@@ -264,3 +264,14 @@ def test_rank_fields_score_key_value_lines_in_order(client: TestClient) -> None:
     assert year["results"][0]["relevance_score"] == pytest.approx(alone["results"][0]["relevance_score"], abs=1e-6)
     plain = client.post("/v1/rerank", json={"query": QUERY, "documents": [{"text": "No idea.", "id": 7}]}).json()
     assert plain["results"][0]["document"] == {"text": "No idea.", "id": 7}
+
+
+def test_trl_adapter_gets_the_413_naming_the_item(rm_dir: Path) -> None:
+    from service.client import InvalidRequestError, RewardFunction
+
+    with live_server(Settings(model=str(rm_dir), dtype="float32", max_messages=8)) as url:
+        fn = RewardFunction(url)
+        assert len(fn(prompts=[msgs(8)], completions=["ok"])) == 1
+        with pytest.raises(InvalidRequestError) as e:
+            fn(prompts=["Hi", msgs(9)], completions=["a", "b"])
+    assert e.value.status == 413 and e.value.param == "items[1].prompt" and e.value.code == "too_many_messages"
