@@ -315,11 +315,11 @@ def install_edge(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        detail = str(exc.detail)
+        detail, param = str(exc.detail), None
         if exc.status_code == 400 and "parsing the body" in detail:
-            detail = "the request body could not be parsed: send UTF-8 JSON"
+            detail, param = "the request body could not be parsed: send UTF-8 JSON", "body"
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request_error")
-        body: dict[str, Any] = {"error": {"message": detail, "type": kind, "param": None, "code": kind}}
+        body: dict[str, Any] = {"error": {"message": detail, "type": kind, "param": param, "code": kind}}
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     app.add_middleware(EdgeMiddleware, settings=settings, metrics=metrics, overloaded=overloaded)
