@@ -102,7 +102,8 @@ def create_app(
         description="Reward-model scoring: score, rank, rerank (Cohere, Jina, vLLM and TEI dialects), and the "
         "OpenRLHF reward oracle.",
         lifespan=lifespan,
-        docs_url=None,  # /docs and /redoc come from routes/docs.py, served without a CDN
+        docs_url=None,  # /docs, /redoc and /openapi.json come from routes/docs.py: no CDN, rendered once
+        openapi_url=None,
         redoc_url=None,
     )
     app.state.rm = state
