@@ -12,7 +12,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -168,7 +168,7 @@ class EdgeMiddleware:
         template of the route the path matches; "other" when none does."""
         route = scope.get("route")
         if route is None:
-            route = next((r for r in self.routes if r.matches(scope)[0] is not Match.NONE), None)
+            route = next((r for r in _flatten(self.routes) if r.matches(scope)[0] is not Match.NONE), None)
         return str(getattr(route, "path", None) or "other")
 
     def _refuse_early(self, path: str, headers: dict[bytes, bytes]) -> ServiceError | None:
@@ -238,6 +238,17 @@ class EdgeMiddleware:
             return msg
 
         return limited_receive
+
+
+def _flatten(routes: list[BaseRoute]) -> Iterator[Any]:
+    """The app's routes, included routers opened up (FastAPI includes them as branches whose `matches`
+    names no route)."""
+    for r in routes:
+        contexts = getattr(r, "effective_route_contexts", None)
+        if callable(contexts):
+            yield from contexts()
+        else:
+            yield r
 
 
 class _BodyRefused(Exception):

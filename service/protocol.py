@@ -155,8 +155,10 @@ def bounded_h11(
             self.connections.discard(other)  # closing: no longer counts against the cap
             if other._buffered():  # part of a head: it gets an answer
                 other._refuse(
-                    Busy("the server is at its connection limit and this request head was the slowest; retry"),
-                    cause="evicted",
+                    Busy(
+                        "the server is at its connection limit and this request head was the slowest; retry",
+                        code="evicted",
+                    )
                 )
             else:  # an idle keep-alive connection: closing it is allowed at any time
                 counted("evicted_idle", None)
@@ -235,9 +237,9 @@ def bounded_h11(
                 self._refuse(
                     Busy(
                         f"{open_now - 1} connections are open; at most {max_connections} are allowed "
-                        "(RMSERVE_MAX_CONNECTIONS); retry shortly"
-                    ),
-                    cause="too_many_connections",
+                        "(RMSERVE_MAX_CONNECTIONS); retry shortly",
+                        code="too_many_connections",
+                    )
                 )
                 return
             self._arm()

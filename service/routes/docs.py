@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import logging
 from collections.abc import Callable
@@ -59,16 +60,20 @@ def local_assets() -> bool:
 OPENAPI_URL = "/openapi.json"
 
 
-def cached(request: Request, name: str, render: Callable[[FastAPI], Response]) -> Response:
-    """The static document `name`, rendered once per app and served from memory afterwards: a flood of
+async def cached(request: Request, name: str, render: Callable[[FastAPI], Response]) -> Response:
+    """The static document `name`, rendered once per app (on a worker thread: the OpenAPI schema takes
+    a while, and the event loop must keep answering probes) and served from memory afterwards: a flood of
     requests for it (pipelined, say) costs a copy of bytes each, never a render."""
     app = request.app
     store: dict[str, tuple[bytes, str]] | None = getattr(app.state, "rm_docs", None)
     if store is None:
         store = app.state.rm_docs = {}
+        app.state.rm_docs_lock = asyncio.Lock()
     if name not in store:
-        rendered = render(app)
-        store[name] = (bytes(rendered.body), rendered.media_type or "text/html")
+        async with app.state.rm_docs_lock:
+            if name not in store:
+                rendered = await asyncio.to_thread(render, app)
+                store[name] = (bytes(rendered.body), rendered.media_type or "text/html")
     body, media_type = store[name]
     return Response(body, media_type=media_type)
 
@@ -104,22 +109,40 @@ def _redoc(app: FastAPI) -> Response:
     )
 
 
+DOCUMENTS: dict[str, Callable[[FastAPI], Response]] = {
+    "openapi": _openapi,
+    "docs": _swagger,
+    "redoc": _redoc,
+}
+
+
+async def prerender(app: FastAPI) -> None:
+    """Render the static documents at start-up (on a worker thread, while the model loads), so that no
+    request, nor a flood of them, waits for a render."""
+    store: dict[str, tuple[bytes, str]] = {}
+    for name, render in DOCUMENTS.items():
+        rendered = await asyncio.to_thread(render, app)
+        store[name] = (bytes(rendered.body), rendered.media_type or "text/html")
+    app.state.rm_docs_lock = asyncio.Lock()
+    app.state.rm_docs = store | (getattr(app.state, "rm_docs", None) or {})
+
+
 @router.get(OPENAPI_URL)
 async def openapi(request: Request) -> Response:
     """The OpenAPI schema (FastAPI's own route is off: it re-serializes the schema on every request)."""
-    return cached(request, "openapi", _openapi)
+    return await cached(request, "openapi", DOCUMENTS["openapi"])
 
 
 @router.get("/docs")
 async def swagger_ui(request: Request) -> Response:
-    return cached(request, "docs", _swagger)
+    return await cached(request, "docs", _swagger)
 
 
 @router.get("/docs/oauth2-redirect")
 async def swagger_ui_redirect(request: Request) -> Response:
-    return cached(request, "oauth2-redirect", lambda app: get_swagger_ui_oauth2_redirect_html())
+    return await cached(request, "oauth2-redirect", lambda app: get_swagger_ui_oauth2_redirect_html())
 
 
 @router.get("/redoc")
 async def redoc(request: Request) -> Response:
-    return cached(request, "redoc", _redoc)
+    return await cached(request, "redoc", _redoc)
