@@ -34,13 +34,13 @@ from service.errors import (
     validation_error,
 )
 from service.metrics import Metrics
-from service.protocol import OVER_CAP, PROTOCOL_ERROR
+from service.protocol import OVER_CAP, PROBE_PATHS, PROTOCOL_ERROR
 from service.settings import Settings
 
 log = logging.getLogger("rmserve.edge")
 
 # Routes that answer without a key unless RMSERVE_AUTH_OPEN_ROUTES=true: probes, metrics and the docs.
-PROBES = ("/health", "/ready", "/metrics")  # never refused for being busy: the orchestrator must see the truth
+PROBES = PROBE_PATHS  # never refused for being busy: the orchestrator must see the truth
 OPEN_ROUTES = ("/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 OPEN_PREFIXES = ("/playground", "/static/")
 

@@ -11,6 +11,9 @@
 - Pipelining bounded: while an answer is pending, at most `PIPELINE_BYTES` of further input are read;
   a connection may have `max_pipelined` requests answered back to back from input already buffered, the
   next gets a JSON 429 and the connection closes.
+- Requests start at most `START_PACE` per event-loop iteration (probes aside, first come first served),
+  so that a burst of them (pipelined above all) cannot crowd out a new connection: a probe's connection
+  needs several iterations to be accepted and read.
 - h11's protocol errors (bad Content-Length, bad chunk size, missing Host, no HTTP version) answer the
   one JSON error shape instead of uvicorn's plain text.
 - No connection left open with an unread request body after its answer (a slow upload cannot keep it).
@@ -28,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -48,6 +51,8 @@ _REASONS = {
 }
 LINGER_S = 1.0  # after a refusal, how long what the client still sends is read and dropped before closing
 PIPELINE_BYTES = 64 * 1024  # input read ahead of a pending answer at most (reading pauses past it)
+START_PACE = 4  # requests (probes aside) started per event-loop iteration, all connections together
+PROBE_PATHS = ("/health", "/ready", "/metrics")  # never paced, never refused at the connection cap
 OVER_CAP = "rmserve.over_cap"  # scope key: the request came on a connection past max_connections
 PROTOCOL_ERROR = "rmserve.protocol_error"  # scope key: the connection answered this request's protocol error
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
@@ -56,10 +61,35 @@ Count = Callable[[str, int | None], None]
 
 
 class _Table:
-    """The connections of one server still waiting for a request head, oldest first (eviction order)."""
+    """The connections of one server still waiting for a request head, oldest first (eviction order), and
+    the requests waiting for their turn to start."""
 
     def __init__(self) -> None:
         self.waiting: OrderedDict[Any, None] = OrderedDict()
+        self.turns: deque[asyncio.Future[None]] = deque()
+        self._scheduled = False
+
+    async def turn(self) -> None:
+        """Wait for this request's turn to start: at most `START_PACE` requests start per event-loop
+        iteration, first come first served. Without this, a burst of requests (pipelined ones above all,
+        which need no round trip) starts all at once on every iteration, and a new connection, which needs
+        several iterations to be accepted and read, waits behind all of them on each."""
+        loop = asyncio.get_running_loop()
+        turn = loop.create_future()
+        self.turns.append(turn)
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._release)
+        await turn
+
+    def _release(self) -> None:
+        for _ in range(min(START_PACE, len(self.turns))):
+            turn = self.turns.popleft()
+            if not turn.done():
+                turn.set_result(None)
+        self._scheduled = bool(self.turns)
+        if self._scheduled:
+            asyncio.get_running_loop().call_soon(self._release)
 
 
 class _GuardedFlow(FlowControl):
@@ -91,6 +121,14 @@ def bounded_h11(
 
     table = _Table()
 
+    def paced(app: Any) -> Any:
+        async def paced_app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http" and scope["path"] not in PROBE_PATHS:
+                await table.turn()
+            await app(scope, receive, send)
+
+        return paced_app
+
     def counted(cause: str, status: int | None) -> None:
         if count is not None:
             count(cause, status)
@@ -112,6 +150,7 @@ def bounded_h11(
                     raise
 
             self.conn.next_event = remembering_next_event  # type: ignore[method-assign]
+            self.app = paced(self.app)
 
         # -- waiting for a head: the header deadline and the eviction order -------------------------
         def _arm(self) -> None:
