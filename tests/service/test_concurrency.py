@@ -249,3 +249,46 @@ def test_overload_is_refused_by_projected_wait_never_504(rm_dir: Path) -> None:
     refused = [(t, ra) for c, t, ra in out if c == 429]
     assert all(t < 1.0 and ra is not None and int(ra) >= 1 for t, ra in refused), refused
     assert f'rmserve_failures_total{{cause="overloaded"}} {float(len(refused))}' in metrics
+
+
+class SlowingRuntime(TokenTimedRuntime):
+    """TokenTimedRuntime whose passes get `factor` times slower once `after` passes have run (a CPU-bound
+    neighbour arriving after the work was admitted)."""
+
+    def __init__(self, inner: Runtime, per_token: float, after: int, factor: float) -> None:
+        super().__init__(inner, per_token)
+        self.after, self.factor, self.passes = after, factor, 0
+
+    def score(self, seqs: Sequence[Sequence[int]]) -> list[float]:
+        self.passes += 1
+        if self.passes == self.after + 1:
+            self.per_token *= self.factor
+        return super().score(seqs)
+
+
+def test_drain_rate_falling_after_admission_ends_in_429_never_504(rm_dir: Path) -> None:
+    """Work admitted at 200 tokens/s, then every pass 4x slower: the batcher's re-check after each pass
+    refuses the queued requests that would now miss the 3 s deadline (429, counted), the ones whose pass
+    started are answered, late if need be; no client gets a 504 (before: the late ones got 504)."""
+    settings = Settings(model=str(rm_dir), request_timeout_s=3.0, max_wait_ms=0, max_batch_size=1)
+    with live_server(settings, runtime_wrapper=lambda rt: SlowingRuntime(rt, 0.005, after=2, factor=4.0)) as url:
+        body = {"prompt": "How do I bake bread at home?", "responses": ["Knead the dough and bake it for an hour."]}
+        assert httpx.post(url + "/v1/score", json=body).status_code == 200  # one pass measures the rate
+
+        async def one(c: httpx.AsyncClient) -> tuple[int, str]:
+            r = await c.post("/v1/score", json=body)
+            return r.status_code, r.text
+
+        async def main() -> list[tuple[int, str]]:
+            async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+                return list(await asyncio.gather(*(one(c) for _ in range(16))))
+
+        out = asyncio.run(main())
+        metrics = httpx.get(url + "/metrics").text
+    codes = [c for c, _ in out]
+    assert 504 not in codes and 200 in codes and 429 in codes, codes
+    late = [text for c, text in out if c == 429 and ("drain rate fell" in text or "had not started" in text)]
+    assert late, out  # admitted, then refused when the slower passes made it miss its deadline
+    refused = codes.count(429)
+    assert f'rmserve_failures_total{{cause="overloaded"}} {float(refused)}' in metrics
+    assert f'rmserve_requests_total{{route="/v1/score",status="429"}} {float(refused)}' in metrics
