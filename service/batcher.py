@@ -125,7 +125,6 @@ class Batcher:
         self._reserved_tokens = 0
         self._reserved_seqs = 0
         self._last_pass_end = 0.0
-        self.last_rate: float | None = None  # the last pass's own rate (the re-check of queued work takes the lower)
 
     @property
     def tokens_ahead(self) -> int:
@@ -247,7 +246,7 @@ class Batcher:
     def _measured(self, tokens: int, seconds: float) -> None:
         if seconds <= 0 or tokens <= 0:
             return
-        rate = self.last_rate = tokens / seconds
+        rate = tokens / seconds
         a = self.rate_smoothing
         first = self.tokens_per_s is None or self._seeded
         self.tokens_per_s = rate if first else (1 - a) * self.tokens_per_s + a * rate  # type: ignore[operator]
@@ -257,9 +256,9 @@ class Batcher:
         """Re-check the projection after a pass (the drain rate may have fallen since admission): in the
         order the `queued` work will run, a request none of whose sequences has started is refused (its
         futures fail with QueueFull, a 429 upstream) when the tokens ahead of its own plus its own, at the
-        lower of the smoothed rate and the last pass's, would end past its deadline. Refused work no longer
-        counts ahead of later work."""
-        rate = min(self.tokens_per_s or 0.0, self.last_rate or self.tokens_per_s or 0.0)
+        measured (smoothed) rate, would end past its deadline. Refused work no longer counts ahead of later
+        work."""
+        rate = self.tokens_per_s
         if not rate:
             return
         now, ahead = time.perf_counter(), 0
