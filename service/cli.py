@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "float32", "bfloat16", "int8"],
         help="auto (float32 on a CPU) | float32 | bfloat16 (not batch-invariant); int8 is refused with its reason",
     )
+    s.add_argument(
+        "--device",
+        default=None,
+        help="cpu (default) | cuda | cuda:N (or RMSERVE_DEVICE); refused where torch sees no GPU. On CUDA, dtype "
+        "auto is bf16, labelled 'invariance not measured'",
+    )
     s.add_argument("--host", default=None, help="bind address (default 127.0.0.1; 0.0.0.0 must be explicit)")
     s.add_argument("--port", type=int, default=None, help="port (default 8000)")
     s.add_argument(

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger("rmserve.settings")
 
 
 class Settings(BaseSettings):
@@ -25,7 +29,12 @@ class Settings(BaseSettings):
         "asked (faster where native, but a reward then moves with its batch-mates); int8 is refused with its "
         "reason (dynamic int8 makes a reward depend on its batch-mates and reordered 30% of HH pairs)",
     )
-    device: str = Field("cpu", description="cpu or cuda")
+    device: str = Field(
+        "cpu",
+        description="cpu, cuda or cuda:N (`rmserve serve --device`); a GPU asked where torch sees none is refused at "
+        "start-up. On CUDA, dtype auto is bf16: its batch invariance is not measured (scripts/gpu_check.sh measures "
+        "its agreement with CPU fp32); ask --dtype float32 for rewards independent of batch-mates",
+    )
     threads: int | None = Field(None, ge=1, description="intra-op threads (default: the cores available)")
     host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 exposes the service and must be explicit")
     port: int = Field(8000, ge=1, le=65535)
@@ -116,6 +125,37 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, v: str | None) -> str | None:
         return v or None
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        """cpu, cuda or cuda:N, and a CUDA device that torch can see."""
+        if v == "cpu":
+            return v
+        if not re.fullmatch(r"cuda(:\d+)?", v):
+            raise ValueError(f"device is {v!r}; use cpu, cuda or cuda:N (RMSERVE_DEVICE or rmserve serve --device)")
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device is {v!r} but torch sees no CUDA GPU here (torch {torch.__version__}, built for CUDA "
+                f"{torch.version.cuda or 'none'}); serve with --device cpu or run on a machine with a GPU"
+            )
+        index = int(v.split(":")[1]) if ":" in v else 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device is {v!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+        return v
+
+    @model_validator(mode="after")
+    def _gpu_dtype_label(self) -> Settings:
+        if self.device != "cpu" and self.dtype in ("auto", "bfloat16"):
+            log.warning(
+                "serving on %s in bf16 (dtype %s): batch invariance not measured on a GPU; a reward may move with "
+                "its batch-mates. scripts/gpu_check.sh measures agreement with CPU fp32; --dtype float32 avoids it",
+                self.device,
+                self.dtype,
+            )
+        return self
 
     @model_validator(mode="after")
     def _api_key(self) -> Settings:

@@ -51,6 +51,8 @@ class TrainConfig:
     cache_dir: str = ""  # where frozen-layer states persist between runs ("" = RMSERVE_HOME/frozen-cache; none)
     cache_dtype: str = "auto"  # frozen-layer states' storage: float32 | bfloat16 | auto (the training dtype)
     prefix_sharing: str = "off"  # run each prompt once for all its responses, gradients through it (on | off)
+    sharding: str = "ddp"  # under torchrun: ddp (full copy per rank) | fsdp (FSDP2: params, grads, Adam sharded)
+    gradient_checkpointing: bool = False  # recompute decoder layers' activations in backward (long sequences)
     halt_after: int = 0  # testing aid: stop abruptly after N steps, like a kill (no final model)
     trained_dtype: str = "bfloat16"  # lora / top-n: dtype of OUT/trained/, the tensors training changed
 
@@ -141,6 +143,18 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         default=d.trained_dtype,
         help="lora / top-n: dtype of OUT/trained/ (only the tensors training changed, for shipping)",
     )
+    p.add_argument(
+        "--sharding",
+        choices=["ddp", "fsdp"],
+        default=d.sharding,
+        help="under torchrun: ddp keeps a full copy per rank; fsdp (PyTorch FSDP2) shards parameters, gradients "
+        "and optimizer state over the ranks (each decoder layer and the root), for models that do not fit one device",
+    )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute decoder layers' activations in the backward pass: less memory, about 30%% more compute",
+    )
     p.add_argument("--halt-after", type=int, default=0, help=argparse.SUPPRESS)
 
 
@@ -167,5 +181,12 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--label-smoothing applies to --loss pairwise; --loss is {cfg.loss}")
     if cfg.early_stopping_patience < 0:
         raise ValueError(f"--early-stopping-patience is {cfg.early_stopping_patience}; it must be >= 0")
+    if cfg.grad_accum < 1:
+        raise ValueError(f"--grad-accum is {cfg.grad_accum}; it must be >= 1")
+    if cfg.gradient_checkpointing and cfg.prefix_sharing == "on":
+        raise ValueError(
+            "--gradient-checkpointing and --prefix-sharing on do not combine: the shared-prefix pass keeps a KV "
+            "cache, which transformers turns off under gradient checkpointing; drop one of them"
+        )
     if cfg.early_stopping_patience and not cfg.eval_every:
         raise ValueError("--early-stopping-patience needs dev evaluations during training: give --eval-every N")

@@ -53,7 +53,8 @@ def apply_method(model: RewardModel, cfg: TrainConfig) -> None:
         raise ValueError(f"--method {cfg.method!r} is unknown; use full, top-n or lora")
     model.head.requires_grad_(True)
     # Pairwise and listwise losses see only reward differences: the bias gets no gradient from them.
-    model.head.bias.requires_grad_(cfg.center_coef > 0)
+    if model.head.bias is not None:
+        model.head.bias.requires_grad_(cfg.center_coef > 0)
 
 
 def use_frozen_cache(cfg: TrainConfig, model: RewardModel, world: int) -> bool:
