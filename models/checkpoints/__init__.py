@@ -54,6 +54,13 @@ def check(model_dir: str | Path, format: str | None = None) -> str:
     return name
 
 
+def reward_config(model_dir: str | Path, format: str | None = None) -> Any:
+    """rmserve's RewardConfig (rule, normalization, max length) of a checkpoint, without loading weights:
+    what a runtime that does not load the torch model (ONNX) needs."""
+    found, name = _pick(model_dir, format)
+    return FORMATS[name].reward_config_of(found)
+
+
 def load(
     model_dir: str | Path,
     *,
@@ -69,4 +76,4 @@ def load(
     return FORMATS[name].load(found, dtype=resolve_dtype(dtype), device=device, trust_remote_code=trust_remote_code)
 
 
-__all__ = ["FORMATS", "FORMAT_NAMES", "CheckpointError", "check", "detect", "inspect", "load"]
+__all__ = ["FORMATS", "FORMAT_NAMES", "CheckpointError", "check", "detect", "inspect", "load", "reward_config"]

@@ -77,17 +77,26 @@ def check(found: Found) -> None:
     require_tokenizer(found)
 
 
-def reward_config(found: Found, config: dict[str, Any], body: Any, name: str) -> RewardConfig:
-    """rmserve's metadata for a foreign checkpoint: the rule, and a max length from the body's positions."""
-    positions = int(getattr(body.config, "max_position_embeddings", 0) or getattr(body.config, "n_positions", 0) or 0)
+def reward_config(found: Found, name: str) -> RewardConfig:
+    """rmserve's metadata for a foreign checkpoint, from config.json: a max length from the body's
+    positions (at most 4,096), left truncation, no normalization (the format module adds its own)."""
+    config = found.config or {}
+    text = config.get("text_config") or config
+    positions = int(text.get("max_position_embeddings") or text.get("n_positions") or 0)
     return RewardConfig(
         backbone=str(found.dir),
-        model_type=str(body.config.model_type),
-        hidden_size=int(body.config.hidden_size),
+        model_type=str(config.get("model_type", "unknown")),
+        hidden_size=hidden_size(config),
         max_length=min(positions, 4096) if positions >= 8 else 4096,
         format=name,
         backbone_info={"source": str(found.dir), "architecture": ", ".join(found.architectures)},
     )
+
+
+def reward_config_of(found: Found) -> RewardConfig:
+    cfg = reward_config(found, NAME)
+    cfg.rule = rule(found).to_dict()
+    return cfg
 
 
 def build(body: Any, weight: torch.Tensor, cfg: RewardConfig, device: Any) -> RewardModel:
@@ -107,8 +116,7 @@ def load(found: Found, *, dtype: Any, device: Any, trust_remote_code: bool = Fal
     assert found.config is not None
     body = load_body(found, dtype)
     tok = load_tokenizer(found)
+    cfg = reward_config_of(found)
     if "score.bias" in found.keys:
         log.warning("%s: score.bias is ignored, as transformers' forward ignores it", found.dir)
-    cfg = reward_config(found, found.config, body, NAME)
-    cfg.rule = rule(found).to_dict()
     return build(body, read_tensor(found, HEAD), cfg, device), tok

@@ -37,7 +37,7 @@ from models.checkpoints.files import (
     require_weights,
 )
 from models.formatting import RewardRule
-from models.reward_model import RewardModel
+from models.reward_model import RewardConfig, RewardModel
 
 NAME = "openrlhf"
 DEFAULT_PREFIX = "score"
@@ -67,15 +67,19 @@ def check(found: Found) -> None:
     require_tokenizer(found)
 
 
-def load(found: Found, *, dtype: Any, device: Any, trust_remote_code: bool = False) -> tuple[RewardModel, Any]:
-    check(found)
+def reward_config_of(found: Found) -> RewardConfig:
     cfg_json = found.config or {}
-    body = load_body(found, dtype)
-    tok = load_tokenizer(found)
-    cfg = hf.reward_config(found, cfg_json, body, NAME)
+    cfg = hf.reward_config(found, NAME)
     cfg.rule = rule(found).to_dict()
     mean, std = cfg_json.get("mean"), cfg_json.get("std")
     if isinstance(mean, int | float) and isinstance(std, int | float) and std > 0:
         cfg.normalization = {"mean": float(mean), "std": float(std)}
     cfg.normalize_rollouts = bool(cfg_json.get("normalize_reward")) and cfg.normalization is not None
-    return hf.build(body, read_tensor(found, head_key(found)), cfg, device), tok
+    return cfg
+
+
+def load(found: Found, *, dtype: Any, device: Any, trust_remote_code: bool = False) -> tuple[RewardModel, Any]:
+    check(found)
+    body = load_body(found, dtype)
+    tok = load_tokenizer(found)
+    return hf.build(body, read_tensor(found, head_key(found)), reward_config_of(found), device), tok

@@ -72,6 +72,10 @@ def check(found: Found) -> RewardConfig:
     return cfg
 
 
+def reward_config_of(found: Found) -> RewardConfig:
+    return read_config(found.dir)
+
+
 def load(found: Found, *, dtype: Any, device: Any, trust_remote_code: bool = False) -> tuple[RewardModel, Any]:
     cfg = check(found)
     if legacy(found):
