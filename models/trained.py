@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.backbone import BackboneError, sha256_file
+from models.head import ScoreHead
 from models.reward_model import CONFIG_NAME, RewardConfig, RewardModel, read_config, read_json_object
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ def assemble(trained_dir: str | Path, backbone: str | Path, out: str | Path) -> 
     )
     bias = tensors.pop("head.bias", None)
     if bias is not None:  # shipped before heads were bias-free: keep it until save folds it into the mean
-        model.head = nn.Linear(model.head.in_features, 1)
+        model.head = ScoreHead(model.head.in_features, bias=True)
     apply_trained(model, manifest, tensors)
     if bias is not None:
         with torch.no_grad():

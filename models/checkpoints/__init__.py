@@ -68,8 +68,9 @@ def load(
     dtype: Any = "float32",
     device: Any = "cpu",
     trust_remote_code: bool = False,
-) -> tuple[Any, Any]:
-    """(RewardModel in eval mode, tokenizer) of a checkpoint directory in any format above."""
+) -> tuple[Any, Any, Any, Any]:
+    """(body, head, RewardConfig, tokenizer) of a checkpoint directory in any format above
+    (`RewardModel.load` assembles the model)."""
     from models.backbone import resolve_dtype
 
     found, name = _pick(model_dir, format)

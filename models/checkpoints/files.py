@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from models.reward_model import ModelDirError
+from models.checkpoints.metadata import ModelDirError
 
 HF_CONFIG = "config.json"
 SAFETENSORS = "model.safetensors"
@@ -24,6 +24,11 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 LM_HEAD_KEYS = ("lm_head.weight", "embed_out.weight")  # Llama-likes and GPT-2 / GPT-NeoX
 TRAIN_HINT = "train one on it: rmserve train --backbone {d} --data FILE --out OUT"
+
+
+Loaded = tuple[Any, Any, Any, Any]
+"""What a format module's `load` returns: (transformers body, head nn.Linear(hidden, 1), RewardConfig,
+tokenizer); models/reward_model.py `RewardModel.load` puts them together."""
 
 
 class CheckpointError(ModelDirError):

@@ -22,6 +22,7 @@ import torch
 from models.checkpoints.files import (
     CheckpointError,
     Found,
+    Loaded,
     head_weight,
     hidden_size,
     load_body,
@@ -32,8 +33,8 @@ from models.checkpoints.files import (
     require_tokenizer,
     require_weights,
 )
+from models.checkpoints.metadata import RewardConfig
 from models.formatting import RewardRule
-from models.reward_model import RewardConfig, RewardModel
 
 log = logging.getLogger(__name__)
 
@@ -99,19 +100,18 @@ def reward_config_of(found: Found) -> RewardConfig:
     return cfg
 
 
-def build(body: Any, weight: torch.Tensor, cfg: RewardConfig, device: Any) -> RewardModel:
-    from torch import nn
+def build(weight: torch.Tensor) -> Any:
+    """The bias-free head nn.Linear(hidden, 1) holding `weight` (1, hidden), in float32."""
+    from models.head import ScoreHead
 
-    head = nn.Linear(int(weight.shape[1]), 1, bias=False)
+    head = ScoreHead(int(weight.shape[1]))
     with torch.no_grad():
         head.weight.copy_(weight.float())
-    model = RewardModel(body, cfg, head=head)
-    model.to(device)
-    model.head.float()
-    return model.eval()
+    return head
 
 
-def load(found: Found, *, dtype: Any, device: Any, trust_remote_code: bool = False) -> tuple[RewardModel, Any]:
+def load(found: Found, *, dtype: Any, device: Any, trust_remote_code: bool = False) -> Loaded:
+    """(body, head, rmserve config, tokenizer)."""
     check(found)
     assert found.config is not None
     body = load_body(found, dtype)
@@ -119,4 +119,4 @@ def load(found: Found, *, dtype: Any, device: Any, trust_remote_code: bool = Fal
     cfg = reward_config_of(found)
     if "score.bias" in found.keys:
         log.warning("%s: score.bias is ignored, as transformers' forward ignores it", found.dir)
-    return build(body, read_tensor(found, HEAD), cfg, device), tok
+    return body, build(read_tensor(found, HEAD)), cfg, tok

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from models.checkpoints import hf
 from models.checkpoints.files import (
     CheckpointError,
     Found,
+    Loaded,
     head_weight,
     hidden_size,
     load_body,
@@ -36,8 +36,9 @@ from models.checkpoints.files import (
     require_tokenizer,
     require_weights,
 )
+from models.checkpoints.hf import build, reward_config
+from models.checkpoints.metadata import RewardConfig
 from models.formatting import RewardRule
-from models.reward_model import RewardConfig, RewardModel
 
 NAME = "openrlhf"
 DEFAULT_PREFIX = "score"
@@ -69,7 +70,7 @@ def check(found: Found) -> None:
 
 def reward_config_of(found: Found) -> RewardConfig:
     cfg_json = found.config or {}
-    cfg = hf.reward_config(found, NAME)
+    cfg = reward_config(found, NAME)
     cfg.rule = rule(found).to_dict()
     mean, std = cfg_json.get("mean"), cfg_json.get("std")
     if isinstance(mean, int | float) and isinstance(std, int | float) and std > 0:
@@ -78,8 +79,8 @@ def reward_config_of(found: Found) -> RewardConfig:
     return cfg
 
 
-def load(found: Found, *, dtype: Any, device: Any, trust_remote_code: bool = False) -> tuple[RewardModel, Any]:
+def load(found: Found, *, dtype: Any, device: Any, trust_remote_code: bool = False) -> Loaded:
     check(found)
     body = load_body(found, dtype)
     tok = load_tokenizer(found)
-    return hf.build(body, read_tensor(found, head_key(found)), reward_config_of(found), device), tok
+    return body, build(read_tensor(found, head_key(found))), reward_config_of(found), tok

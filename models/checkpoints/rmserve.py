@@ -23,21 +23,23 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
-from models.checkpoints import hf
 from models.checkpoints.files import (
     CheckpointError,
     Found,
+    Loaded,
     head_weight,
+    hidden_size,
     load_body,
     load_tokenizer,
     read_tensor,
     require_tokenizer,
     require_weights,
 )
+from models.checkpoints.hf import HEAD, build
+from models.checkpoints.metadata import CONFIG_NAME, HEAD_WEIGHTS, RewardConfig, read_config
 from models.formatting import RewardRule
-from models.reward_model import CONFIG_NAME, HEAD_WEIGHTS, RewardConfig, RewardModel, read_config
+from models.head import ScoreHead
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,7 @@ def check(found: Found) -> RewardConfig:
         except Exception as e:
             raise CheckpointError(f"{found.dir / HEAD_WEIGHTS} is corrupt: {e}") from e
     else:
-        head_weight(found, hf.HEAD, int(cfg.hidden_size or hf.hidden_size(found.config)))
+        head_weight(found, HEAD, int(cfg.hidden_size or hidden_size(found.config)))
     require_tokenizer(found)
     return cfg
 
@@ -76,19 +78,17 @@ def reward_config_of(found: Found) -> RewardConfig:
     return read_config(found.dir)
 
 
-def load(found: Found, *, dtype: Any, device: Any, trust_remote_code: bool = False) -> tuple[RewardModel, Any]:
+def load(found: Found, *, dtype: Any, device: Any, trust_remote_code: bool = False) -> Loaded:
     cfg = check(found)
     if legacy(found):
         return _load_legacy(found, cfg, dtype, device, trust_remote_code)
     body = load_body(found, dtype)
     tok = load_tokenizer(found)
     cfg.format = NAME
-    return hf.build(body, read_tensor(found, hf.HEAD), cfg, device), tok
+    return body, build(read_tensor(found, HEAD)), cfg, tok
 
 
-def _load_legacy(
-    found: Found, cfg: RewardConfig, dtype: Any, device: Any, trust_remote_code: bool
-) -> tuple[RewardModel, Any]:
+def _load_legacy(found: Found, cfg: RewardConfig, dtype: Any, device: Any, trust_remote_code: bool) -> Loaded:
     from transformers import AutoConfig, AutoModel
 
     from models.backbone import resolve_dtype
@@ -118,13 +118,10 @@ def _load_legacy(
     except Exception as e:
         raise CheckpointError(f"{d / 'model.safetensors'} cannot be loaded: {e}") from e
     tok = load_tokenizer(found)
-    head = nn.Linear(int(body_cfg.hidden_size), 1)
+    head = ScoreHead(int(body_cfg.hidden_size), bias=True)
     head.load_state_dict(head_sd)
     cfg.format = NAME
-    model = RewardModel(body, cfg, head=head)
-    model.to(device)
-    model.head.float()
-    return model.eval(), tok
+    return body, head, cfg, tok
 
 
 # -- writing ----------------------------------------------------------------------------------------
@@ -160,7 +157,7 @@ def choose_pad(tokenizer: Any, rule: RewardRule) -> int | None:
     return None
 
 
-def save(model: RewardModel, tokenizer: Any, staging: Path) -> None:
+def save(model: Any, tokenizer: Any, staging: Path) -> None:
     """Write `model` into the (empty) directory `staging` in the interoperable form (module docstring).
 
     A head with a bias (a model from before issue 22) is saved without it: the bias is a constant, so
