@@ -349,3 +349,20 @@ def test_zz_print_measured() -> None:
     print("\nlargest |rmserve - framework| per case:")
     for k, v in MEASURED.items():
         print(f"  {k}: {v:.2e}")
+
+
+@pytest.mark.parametrize(("family", "variant", "kind"), [("qwen2", "eos_alone", "hf"), ("llama", "chatml", "openrlhf")])
+def test_onnx_export_from_other_formats(tmp_path: Path, serve: Any, family: str, variant: str, kind: str) -> None:
+    """`rmserve export` (ONNX) works from every format and serves what torch serves, rule included."""
+    from models.export import export_onnx
+
+    tok = tokenizer_of(variant)
+    if kind == "hf":
+        make_seq_cls(family, len(tok), tok.pad_token_id).save_pretrained(tmp_path)
+        tok.save_pretrained(tmp_path)
+    else:
+        save_openrlhf(tmp_path, family, tok, "score", normalize=False)
+    torch_scores = served(serve(tmp_path, runtime="torch"), PAIRS)
+    export_onnx(tmp_path)
+    onnx_scores = served(serve(tmp_path, runtime="onnx"), PAIRS)
+    assert onnx_scores == pytest.approx(torch_scores, abs=1e-4)
