@@ -366,3 +366,55 @@ def test_onnx_export_from_other_formats(tmp_path: Path, serve: Any, family: str,
     export_onnx(tmp_path)
     onnx_scores = served(serve(tmp_path, runtime="onnx"), PAIRS)
     assert onnx_scores == pytest.approx(torch_scores, abs=1e-4)
+
+
+def test_fresh_from_rmserve_train_and_init_model_from_trl(tmp_path: Path, llama_dir: Path, serve: Any) -> None:
+    """`rmserve train` output reloads in AutoModelForSequenceClassification with the served reward (1e-4);
+    `train --init-model` continues from a TRL checkpoint and keeps its rule (transformers' reading)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tests.models.test_train import _train, synthetic
+
+    data = synthetic(tmp_path / "syn.jsonl", 40)
+    out = _train(llama_dir, data, tmp_path / "rm", "--method", "full", "--max-steps", "2")
+    model, tok = RewardModel.load(out)
+    f = model.formatter(tok)
+    seqs = [f.encode(p, a).ids for p, a in PAIRS]
+    got = served(serve(out), PAIRS)
+    ref = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = [float(ref(input_ids=torch.tensor([s])).logits[0, 0]) for s in seqs]
+    MEASURED["rmserve-train llama chatml"] = max(abs(a - b) for a, b in zip(got, theirs, strict=True))
+    assert got == pytest.approx(theirs, abs=1e-4)
+
+    trl = tmp_path / "trl"
+    tok2 = make_variant("chatml")
+    make_seq_cls("llama", len(tok2), tok2.pad_token_id).save_pretrained(trl)
+    tok2.save_pretrained(trl)
+    out2 = tmp_path / "rm2"
+    from service.cli import main
+
+    args = ["train", "--init-model", str(trl), "--model-format", "hf", "--data", str(data), "--out", str(out2)]
+    assert (
+        main(
+            [
+                *args,
+                "--method",
+                "full",
+                "--max-steps",
+                "2",
+                "--dtype",
+                "float32",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 0
+    )
+    cont, tok3 = RewardModel.load(out2)
+    assert cont.config.rule["name"] == "hf"
+    seqs2 = [trl_ids(tok3, p, a) for p, a in PAIRS]
+    ref2 = AutoModelForSequenceClassification.from_pretrained(out2, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs2 = [float(ref2(input_ids=torch.tensor([s])).logits[0, 0]) for s in seqs2]
+    assert served(serve(out2), PAIRS) == pytest.approx(theirs2, abs=1e-4)
