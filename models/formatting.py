@@ -1,8 +1,10 @@
 """One formatting path, shared by the trainer, `rmserve eval` and every service route.
 
 A prompt (a message list, or a string) and one answer become token ids built with the backbone
-tokenizer's chat template: the answer is the final assistant turn, closed by the end-of-turn token
-that the reward is read at. A reward is a function of (prompt, answer) alone, so the path normalizes:
+tokenizer's chat template: the answer is the final assistant turn, closed as the checkpoint's
+`RewardRule` says (rmserve's own: by the end-of-turn token; transformers/TRL: the template's whole
+rendering; OpenRLHF: eos after the generation prompt and answer), and the ids end at the token the
+reward is read at. A reward is a function of (prompt, answer) alone, so the path normalizes:
 
 - **What counts as content.** Leading and trailing whitespace of the answer and of every message
   content is not content: it is stripped. `"Paris."`, `"Paris.\\n"` and `"  Paris.  \\n\\n"` give the
