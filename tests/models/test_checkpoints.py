@@ -345,12 +345,6 @@ def test_bad_checkpoints_are_refused_before_serving(tmp_path: Path, llama_dir: P
     print(json.dumps(messages_seen, indent=1))
 
 
-def test_zz_print_measured() -> None:
-    print("\nlargest |rmserve - framework| per case:")
-    for k, v in MEASURED.items():
-        print(f"  {k}: {v:.2e}")
-
-
 @pytest.mark.parametrize(("family", "variant", "kind"), [("qwen2", "eos_alone", "hf"), ("llama", "chatml", "openrlhf")])
 def test_onnx_export_from_other_formats(tmp_path: Path, serve: Any, family: str, variant: str, kind: str) -> None:
     """`rmserve export` (ONNX) works from every format and serves what torch serves, rule included."""
@@ -472,3 +466,9 @@ def test_service_trust_guarantees_for_foreign_checkpoints(
 
 def framework_text_hf(tok: Any, prompt: Any, answer: str) -> str:
     return tok.apply_chat_template([*messages(prompt), {"role": "assistant", "content": answer}], tokenize=False)
+
+
+def test_zz_print_measured() -> None:
+    print("\nlargest |rmserve - framework| per case:")
+    for k, v in MEASURED.items():
+        print(f"  {k}: {v:.2e}")
