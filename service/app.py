@@ -49,6 +49,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        documents = asyncio.create_task(docs.prerender(app))  # /openapi.json, /docs, /redoc: rendered once
         model_dir = resolve_model_dir(settings)
         runtime, tokenizer, cfg, card = await asyncio.to_thread(load_runtime, settings, model_dir)
         await asyncio.to_thread(runtime.warmup)
@@ -90,6 +91,7 @@ def create_app(
         )
         state.batcher, state.runtime, state.card = batcher, runtime, card
         state.metrics.model_info.info({k: str(card[k]) for k in ("id", "backbone", "dtype", "runtime", "max_length")})
+        await documents
         state.ready = True
         log.info("serving %s (%s, %s) from %s", card["id"], runtime.name, runtime.dtype, model_dir)
         try:
@@ -104,7 +106,8 @@ def create_app(
         description="Reward-model scoring: score, rank, rerank (Cohere, Jina, vLLM and TEI dialects), and the "
         "OpenRLHF reward oracle.",
         lifespan=lifespan,
-        docs_url=None,  # /docs and /redoc come from routes/docs.py, served without a CDN
+        docs_url=None,  # /docs, /redoc and /openapi.json come from routes/docs.py: no CDN, rendered once
+        openapi_url=None,
         redoc_url=None,
     )
     app.state.rm = state

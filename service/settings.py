@@ -57,7 +57,12 @@ class Settings(BaseSettings):
         "the prompt, before any formatting work",
     )
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="request body size; beyond it 413")
-    request_timeout_s: float = Field(60.0, gt=0, description="per-request deadline; past it 504")
+    request_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="per-request deadline: work that would not start "
+        "within it is refused with 429 (never a 504); work already in a forward pass is answered, even late",
+    )
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 429 at the hard queue cap")
     admit_wait_fraction: float = Field(
         0.7,
@@ -71,8 +76,14 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         1024,
         ge=1,
-        description="open connections at most (uvicorn's limit; idle ones count, and the header timeout closes "
-        "them); past it a plain 503",
+        description="open connections at most; past it the oldest idle one is closed, or (none idle) up to 64 "
+        "more are accepted on which only probes and /metrics are served, other requests a JSON 503",
+    )
+    max_pipelined: int = Field(
+        16,
+        ge=1,
+        description="requests one connection may pipeline (answered back to back from input already sent); "
+        "the next gets 429 and the connection closes",
     )
     max_in_flight: int = Field(
         128,
