@@ -192,6 +192,12 @@ def bound_pairs(examples: Sequence[RankedExample], max_pairs: int | None) -> lis
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory")
+    p.add_argument(
+        "--model-format",
+        default="auto",
+        choices=["auto", "rmserve", "hf", "openrlhf"],
+        help="checkpoint format of --model (auto: detected from its files)",
+    )
     p.add_argument("--data", nargs="+", required=True, help="comparison files (JSONL or .jsonl.gz)")
     p.add_argument("--format", choices=FORMATS, default=None, help="data format (default: detected)")
     p.add_argument("--dev-only", action="store_true", help="score only the dev split recorded in the model card")
@@ -216,7 +222,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from models.data import split_dev
 
-    model, tok = RewardModel.load(args.model, dtype=args.dtype, device=args.device)
+    model, tok = RewardModel.load(
+        args.model, dtype=args.dtype, device=args.device, format=getattr(args, "model_format", None)
+    )
     training = model.config.training or {}
     result: dict[str, Any] = {"model": str(args.model), "files": {}}
     hits_all = 0.0

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from models.formatting import Formatter
+from models.formatting import Formatter, RewardRule
 from service.batcher import Batcher
 from service.edge import install_edge
 from service.engine import Limits, ScoringEngine
@@ -56,7 +56,7 @@ def create_app(
         rate = await asyncio.to_thread(calibrate, runtime)  # the batcher's prior drain rate
         if runtime_wrapper is not None:
             runtime = runtime_wrapper(runtime)
-        formatter = Formatter(tokenizer, cfg.max_length, cfg.truncation)
+        formatter = Formatter(tokenizer, cfg.max_length, cfg.truncation, RewardRule.from_dict(cfg.rule))
         await asyncio.to_thread(probe_formatter, formatter, card["id"])
         batcher = Batcher(
             runtime.score,
@@ -76,6 +76,7 @@ def create_app(
             batcher,
             model_id=card["id"],
             normalization=cfg.normalization,
+            normalize_rollouts=bool(getattr(cfg, "normalize_rollouts", False)),
             limits=Limits(
                 settings.max_responses,
                 settings.max_chars,

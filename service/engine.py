@@ -62,8 +62,12 @@ class ScoringEngine:
         limits: Limits,
         metrics: Metrics,
         log_texts: bool = False,
+        normalize_rollouts: bool = False,
     ) -> None:
         self.formatter = formatter
+        # /get_reward answers normalized rewards: an OpenRLHF checkpoint saved with normalize_reward (its
+        # serve_rm applies mean/std in the forward then); /v1 routes stay raw unless normalize=true
+        self.normalize_rollouts = normalize_rollouts
         self.batcher = batcher
         self.model_id = model_id
         self.normalization = normalization

@@ -21,6 +21,7 @@ def settings_from_args(args: argparse.Namespace) -> object:
         k: v
         for k, v in {
             "model": args.model,
+            "model_format": getattr(args, "model_format", None),
             "runtime": args.runtime,
             "dtype": args.dtype,
             "device": getattr(args, "device", None),
@@ -132,7 +133,7 @@ def serve(args: argparse.Namespace) -> int:
     from models.reward_model import check_model_dir
 
     model_dir = resolve_model_dir(settings)
-    check_model_dir(model_dir)
+    check_model_dir(model_dir, settings.model_format)
     settings.model = str(model_dir)
     if settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning(

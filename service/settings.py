@@ -17,6 +17,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RMSERVE_", extra="ignore", protected_namespaces=())
 
     model: str | None = Field(None, description="model directory; unset = the assembled default model")
+    model_format: Literal["auto", "rmserve", "hf", "openrlhf"] = Field(
+        "auto",
+        description="checkpoint format of the model directory; auto = detected from its files (models/checkpoints/)",
+    )
     model_id: str | None = Field(None, description="name reported in responses (default: the folder name)")
     runtime: Literal["auto", "torch", "onnx"] = Field(
         "auto",

@@ -17,6 +17,7 @@ class TrainConfig:
     out: str = ""  # model directory to write
     format: str | None = None  # data format; None = detect per file
     init_model: str | None = None  # start from this reward model directory instead of a fresh head
+    model_format: str = "auto"  # checkpoint format of --init-model (auto: detected from its files)
     method: str = "top-n"  # full | top-n | lora
     top_n: int = 4  # with top-n: how many of the last transformer layers train (plus final norm and head)
     lora_rank: int = 16  # with lora: adapter rank
@@ -60,7 +61,13 @@ class TrainConfig:
 def add_train_args(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     p.add_argument("--backbone", required=False, default=None, help="SFT model: HF folder or .gguf file")
-    p.add_argument("--init-model", default=None, help="start from this reward model directory")
+    p.add_argument("--init-model", default=None, help="start from this reward model directory (any format)")
+    p.add_argument(
+        "--model-format",
+        default=d.model_format,
+        choices=["auto", "rmserve", "hf", "openrlhf"],
+        help="checkpoint format of --init-model (auto: detected from its files)",
+    )
     p.add_argument("--data", nargs="+", required=True, help="comparison files (JSONL, .jsonl.gz)")
     p.add_argument("--out", required=True, help="model directory to write")
     p.add_argument("--format", choices=FORMATS, default=None, help="data format (default: detected per file)")

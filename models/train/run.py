@@ -53,7 +53,7 @@ class TrainData:
 def load_model(cfg: TrainConfig) -> tuple[RewardModel, Any]:
     """(model in float32, tokenizer): a fresh head on the backbone, or --init-model's reward model."""
     if cfg.init_model:
-        model, tok = RewardModel.load(cfg.init_model, dtype="float32")
+        model, tok = RewardModel.load(cfg.init_model, dtype="float32", format=cfg.model_format)
     else:
         model, tok = RewardModel.from_backbone(cfg.backbone, dtype="float32", max_length=cfg.max_length, seed=cfg.seed)
     model.config.max_length = cfg.max_length
