@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import re
 import socket
 import subprocess
@@ -438,3 +439,50 @@ def test_metrics_totals_equal_what_the_clients_received(rm_dir: Path) -> None:
         labels = metric_values(u, "rmserve_requests_total")
         assert labels['route="/v1/score",status="413"'] == 1  # refused before routing, labelled with its route
         assert labels['route="/v1/score",status="401"'] == 1
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+        b"POST /v1/rank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+        b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+    ],
+    ids=["v1-score", "v1-rank", "score"],
+)
+def test_abort_mid_body_is_client_gone_only_and_logs_no_error(
+    url: str, raw: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that closes mid-body is counted once, as requests{499} + failures{client_gone}: not as an
+    internal failure, and with no ERROR traceback (before: Starlette's ClientDisconnect escaped the route
+    as an unexpected error: failures{internal} + a 40-line ERROR log)."""
+    before = failures(url)
+    statuses_before = requests_by_status(url)
+    with caplog.at_level(logging.DEBUG):
+        with connect(url) as s:
+            s.sendall(raw)
+            time.sleep(0.1)
+        time.sleep(0.3)
+        after = failures(url)
+    assert after.get("internal", 0) == before.get("internal", 0)
+    assert after["client_gone"] - before.get("client_gone", 0) == 1
+    assert (requests_by_status(url) - statuses_before) == Counter({499: 1})
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert len([r for r in caplog.records if "client left" in r.getMessage()]) <= 1
+
+
+def test_bad_chunk_size_is_bad_http_only_and_logs_no_error(url: str, caplog: pytest.LogCaptureFixture) -> None:
+    before = failures(url)
+    with caplog.at_level(logging.DEBUG):
+        with connect(url) as s:
+            s.sendall(
+                b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n1\r\n{\r\nzz\r\n"
+            )
+            status, _, body = read_answer(s)
+        time.sleep(0.3)
+        after = failures(url)
+    assert status == 400 and json_error(body)["code"] == "bad_http"
+    assert after.get("internal", 0) == before.get("internal", 0)
+    assert after["bad_http"] - before.get("bad_http", 0) == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text  # uvicorn's one WARNING line
