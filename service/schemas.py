@@ -46,9 +46,10 @@ class Message(BaseModel):
     """A chat message. `content` is a string or a list of text parts (joined without a separator); the key
     is required (a 422 names a missing one) and a user message's may not be null (a system, tool or
     assistant message's null is empty text). An assistant message may carry `tool_calls` (OpenAI's
-    shape), with `content` null or left out, and its calls are scored as text after its content, rendered as the
-    TRL adapter renders them (`<tool_call>{"name", "arguments"}</tool_call>`). The `tool` role is accepted
-    where the model's chat template has one (else a 422 names the message)."""
+    shape), with `content` null or left out (left out only with at least one call), and its calls are
+    scored as text after its content, rendered as the TRL adapter renders them
+    (`<tool_call>{"name", "arguments"}</tool_call>`). The `tool` role is accepted where the model's chat
+    template has one (else a 422 names the message)."""
 
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant", "tool"]
@@ -60,8 +61,15 @@ class Message(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _assistant_content_optional(cls, data: Any) -> Any:
-        """Only an assistant message may leave `content` out (OpenAI: with tool calls); it is then null."""
-        if isinstance(data, dict) and data.get("role") == "assistant" and "content" not in data:
+        """Only an assistant message with tool calls (a non-empty `tool_calls` list) may leave `content` out
+        (OpenAI); it is then null. Without calls the missing key is a 422 naming `content`."""
+        if (
+            isinstance(data, dict)
+            and data.get("role") == "assistant"
+            and "content" not in data
+            and isinstance(data.get("tool_calls"), list)
+            and data["tool_calls"]
+        ):
             return {**data, "content": None}
         return data
 

@@ -160,6 +160,17 @@ def test_message_content_is_required_and_tool_calls_stay_valid(client: TestClien
     assert r.status_code == 422 and r.json()["error"]["param"] == "prompt[0].tool_calls"
 
 
+@pytest.mark.parametrize(
+    "message", [{"role": "assistant"}, {"role": "assistant", "tool_calls": []}], ids=["bare", "no-calls"]
+)
+def test_assistant_message_without_content_or_calls_is_422(client: TestClient, message: dict[str, object]) -> None:
+    """`content` may be left out only with at least one tool call (before: scored as empty text, 200)."""
+    prompt = [{"role": "user", "content": "q"}, message, {"role": "user", "content": "and?"}]
+    r = client.post("/v1/score", json={"prompt": prompt, "responses": ["a"]})
+    err = r.json()["error"]
+    assert r.status_code == 422 and err["param"] == "prompt[1].content", r.text
+
+
 BAD_BODIES = [
     ("/v1/score", {"prompt": "x"}, "responses"),
     ("/v1/score", {"responses": ["a"]}, "prompt"),
