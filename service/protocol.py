@@ -355,7 +355,7 @@ def bounded_h11(
                 return
             pipelined = self.conn.their_state is h11.DONE and bool(self._buffered())
             self._pipelined = self._pipelined + 1 if pipelined else 0
-            if self._pipelined > max_pipelined:
+            if self._pipelined >= max_pipelined:  # `max_pipelined` answered back to back: the next is refused
                 self.server_state.total_requests += 1
                 self._refuse(
                     TooManyPipelined(
