@@ -246,8 +246,10 @@ def bounded_h11(
             """uvicorn's answer to an h11 protocol error, in the JSON error shape (status from h11's
             hint: 400, or 431 for an oversized head)."""
             err = self._error
-            status = err.error_status_hint if err is not None else 400
-            text = f"invalid HTTP request: {err}" if err is not None else msg
+            # h11 hints 431 for an oversized head; anything else it refuses (501 for a Transfer-Encoding
+            # other than chunked, ...) is a 400 bad_http, as for every other protocol error
+            status = 431 if err is not None and err.error_status_hint == 431 else 400
+            text = f"invalid HTTP request: {_readable(str(err))}" if err is not None else msg
             error: ServiceError = (
                 HeadersTooLarge(text, code="headers_too_large") if status == 431 else BadRequest(text, code="bad_http")
             )
@@ -375,3 +377,12 @@ def _first2(d: OrderedDict[Any, None]) -> list[Any]:
     """The first two keys of `d` (the oldest; one of them may be the caller)."""
     it = iter(d)
     return [c for c, _ in zip(it, range(2), strict=False)]
+
+
+_BYTES_REPR = re.compile(r"""(?:bytearray\()?\bb(['"])(.*?)\1\)?""")
+
+
+def _readable(message: str) -> str:
+    """h11's message with the bytes it quotes as text: "illegal chunk header: bytearray(b'zz\\r\\n')" ->
+    "illegal chunk header: 'zz'"."""
+    return _BYTES_REPR.sub(lambda m: repr(m.group(2).replace("\\r", "").replace("\\n", "").strip()), message)

@@ -286,3 +286,18 @@ def test_trl_adapter_gets_the_413_naming_the_item(rm_dir: Path) -> None:
         with pytest.raises(InvalidRequestError) as e:
             fn(prompts=["Hi", msgs(9)], completions=["a", "b"])
     assert e.value.status == 413 and e.value.param == "items[1].prompt" and e.value.code == "too_many_messages"
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        ({"prompt": "q", "responses": []}, "responses", "empty_list"),
+        ({"prompt": [], "responses": ["a"]}, "prompt", "empty_list"),
+        ({"text_1": "q", "text_2": ["a"], "truncate_prompt_tokens": 0}, "truncate_prompt_tokens", "out_of_range"),
+    ],
+)
+def test_422s_carry_a_specific_code(client: TestClient, body: dict[str, object], param: str, code: str) -> None:
+    """The code says what was wrong, not the type again (before: code "invalid_request_error")."""
+    r = client.post("/v1/score", json=body)
+    err = r.json()["error"]
+    assert r.status_code == 422 and err["param"] == param and err["code"] == code, err
