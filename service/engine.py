@@ -8,6 +8,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from models.batching import PromptSplit
 from models.formatting import Encoded, Formatter, FormattingError, TooLongError
 from service.batcher import Batcher, QueueFull, Reservation
 from service.errors import DeadlineExceeded, InferenceFailed, InvalidRequest, Overloaded, PayloadTooLarge
@@ -255,7 +256,7 @@ class ScoringEngine:
         return out
 
     async def run(self, encoded: Sequence[Encoded], reservation: Reservation | None = None) -> Scored:
-        seqs = [e.ids for e in encoded]
+        seqs = [PromptSplit(e.ids, e.prompt_len) for e in encoded]  # the canonical forward splits at the prompt
         if self.log_texts:
             log.debug("scoring %d sequences: %s", len(seqs), [self.formatter.tokenizer.decode(s) for s in seqs])
         try:
