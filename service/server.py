@@ -23,6 +23,7 @@ def settings_from_args(args: argparse.Namespace) -> object:
             "model": args.model,
             "runtime": args.runtime,
             "dtype": args.dtype,
+            "forward": getattr(args, "forward", None),
             "host": args.host,
             "port": args.port,
             "api_key": args.api_key,

@@ -58,3 +58,26 @@ def test_32_concurrent_clients_get_the_bits_of_each_pair_alone(rm_dir: Path, dty
     count = float(next(ln for ln in lines if ln.startswith("rmserve_batch_size_count")).split()[-1])
     le1 = float(next(ln for ln in lines if ln.startswith('rmserve_batch_size_bucket{le="1.0"}')).split()[-1])
     assert count > le1  # passes of several sequences did run
+
+
+def test_auto_picks_the_fastest_mode_measured_invariant(rm_dir: Path, tmp_path: Path) -> None:
+    """A faster candidate whose rewards moved with their batch-mates is not picked; the measurement is
+    cached with each candidate's alone-vs-batch difference and the card's mode reports it."""
+    import json
+    import shutil
+
+    from models.export import ONNX_FP32
+    from service.runtimes import AUTO_CACHE, choose_runtime, measured_invariance
+
+    d = tmp_path / "m"
+    shutil.copytree(rm_dir, d)
+    (d / ONNX_FP32).write_bytes(b"not measured for real here")
+    measured = {"torch": (1.0, 0.0), "onnx": (0.5, 3e-6)}
+    s = Settings(model=str(d))
+    assert choose_runtime(s, d, lambda _s, _d, r, _t: measured[r]) == ("torch", "float32")
+    cached = json.loads((d / AUTO_CACHE).read_text())
+    assert cached["alone_vs_batch"] == {"torch:float32": 0.0, "onnx:float32": 3e-6}
+    assert measured_invariance(d, "onnx", "float32") == 3e-6
+    (d / AUTO_CACHE).unlink()
+    measured["onnx"] = (0.5, 0.0)  # invariant and faster: picked
+    assert choose_runtime(s, d, lambda _s, _d, r, _t: measured[r]) == ("onnx", "float32")
