@@ -251,7 +251,11 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (stderr)")
     p.add_argument("--plots", default=None, help="write PNG plots to this folder")
-    p.add_argument("--json", action="store_true", help="print one JSON object on the last line of stdout")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the results as one JSON object, alone on stdout (the table goes to stderr)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -302,14 +306,16 @@ def main(args: argparse.Namespace) -> int:
         from models.plots import eval_plots
 
         result["plots"] = [str(p) for p in eval_plots(all_examples, all_scores, args.plots)]
+    table = sys.stderr if args.json else sys.stdout  # with --json, stdout holds the JSON alone
     for name, m in result["files"].items():
-        print(f"{name:45s} pairs {m['pairs']:6d}  accuracy {m['accuracy'] or float('nan'):.4f}")
-    print(f"{'all':45s} pairs {pairs_all:6d}  accuracy {result['accuracy'] or float('nan'):.4f}  ({mode})")
+        print(f"{name:45s} pairs {m['pairs']:6d}  accuracy {m['accuracy'] or float('nan'):.4f}", file=table)
+    print(f"{'all':45s} pairs {pairs_all:6d}  accuracy {result['accuracy'] or float('nan'):.4f}  ({mode})", file=table)
     short = result["all"]["accuracy_when_better_is_shorter"]
     if short is not None:
         print(
             f"{'pairs whose better answer is the shorter':45s} pairs {result['all']['pairs_better_is_shorter']:6d}  "
-            f"accuracy {short:.4f}"
+            f"accuracy {short:.4f}",
+            file=table,
         )
     if args.json:
         sys.stdout.write(json.dumps(result) + "\n")

@@ -83,6 +83,7 @@ def create_app(
                 settings.retry_after_s,
                 admit_wait_fraction=settings.admit_wait_fraction,
                 max_reward_queries=settings.max_reward_queries,
+                max_messages=settings.max_messages,
             ),
             metrics=state.metrics,
             log_texts=settings.log_texts,

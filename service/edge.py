@@ -30,6 +30,7 @@ from service.errors import (
     RequestTimeout,
     ServiceError,
     Unauthorized,
+    UnsupportedMediaType,
     validation_error,
 )
 from service.metrics import Metrics
@@ -39,12 +40,29 @@ log = logging.getLogger("rmserve.edge")
 
 # Routes that answer without a key unless RMSERVE_AUTH_OPEN_ROUTES=true: probes, metrics and the docs.
 PROBES = ("/health", "/ready", "/metrics")  # never refused for being busy: the orchestrator must see the truth
-OPEN_ROUTES = ("/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+OPEN_ROUTES = ("/", "/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 OPEN_PREFIXES = ("/playground", "/static/")
 
 
 def is_open(path: str) -> bool:
     return path in OPEN_ROUTES or path.startswith(OPEN_PREFIXES)
+
+
+KEY_PREFIX = "/k/"  # /k/<key>/get_reward: the key in the path, for clients that send no header (OpenRLHF)
+
+
+def take_path_key(scope: Scope) -> str | None:
+    """The key of a `/k/<key>/...` path, removed from the scope in place: routing, metric labels, error
+    logs and uvicorn's access log (which reads this same scope) see `/...` alone. None without one."""
+    path: str = scope.get("path", "")
+    if not path.startswith(KEY_PREFIX):
+        return None
+    key, _, rest = path[len(KEY_PREFIX) :].partition("/")
+    scope["path"] = "/" + rest
+    raw: bytes = scope.get("raw_path") or b""
+    if raw.startswith(KEY_PREFIX.encode()):
+        scope["raw_path"] = b"/" + raw[len(KEY_PREFIX) :].partition(b"/")[2]
+    return key
 
 
 def check_bearer(headers: dict[bytes, bytes], key: str) -> bool:
@@ -75,6 +93,7 @@ class EdgeMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path_key = take_path_key(scope)
         path = scope.get("path", "")
         t0 = time.perf_counter()
         status = {"code": 500, "started": False}
@@ -95,13 +114,15 @@ class EdgeMiddleware:
         headers = dict(scope.get("headers") or [])
         counted = path not in PROBES
         try:
-            refusal = self._refuse_early(path, headers)
+            refusal = self._refuse_early(path, headers, path_key)
             if refusal is None and self.overloaded is not None and scope.get("method") == "POST":
                 # /get_reward's deadline grows with its batch: the engine decides for it after parsing
                 refusal = None if path == "/get_reward" else self.overloaded(content_length(headers))
             if refusal is not None:
                 if refusal.status == 401:
                     self.metrics.failures.labels("unauthorized").inc()
+                elif refusal.status != 429:  # the engine counts its own 429s
+                    self.metrics.failures.labels(refusal.code or refusal.type).inc()
                 hdrs = refusal_headers(refusal)
                 if has_body(headers):  # its body stays unread: do not keep the connection for it
                     hdrs["Connection"] = "close"
@@ -139,13 +160,20 @@ class EdgeMiddleware:
             self.metrics.requests.labels(label, str(code)).inc()
             self.metrics.latency.labels(label).observe(time.perf_counter() - t0)
 
-    def _refuse_early(self, path: str, headers: dict[bytes, bytes]) -> ServiceError | None:
+    def _refuse_early(self, path: str, headers: dict[bytes, bytes], path_key: str | None = None) -> ServiceError | None:
         """Refusals decided from the headers alone, before a byte of the body is read."""
         guarded = self.key is not None and (self.settings.auth_open_routes or not is_open(path))
-        if guarded and not check_bearer(headers, self.key or ""):
+        key = self.key or ""
+        by_path = path_key is not None and hmac.compare_digest(path_key.encode(), key.encode())
+        if guarded and not (by_path or check_bearer(headers, key)):
             return Unauthorized(
-                "a valid API key is required: send 'Authorization: Bearer <key>'", code="invalid_api_key"
+                "a valid API key is required: send 'Authorization: Bearer <key>' (or use /k/<key>/ before the "
+                "route's path, for clients that cannot send headers)",
+                code="invalid_api_key",
             )
+        media = unsupported_media(headers) if has_body(headers) else None  # probes never carry a body
+        if media is not None:
+            return media
         if b"content-length" in headers and b"chunked" in headers.get(b"transfer-encoding", b"").lower():
             return BadRequest(
                 "the request has both Content-Length and Transfer-Encoding: chunked; send one of them",
@@ -204,6 +232,28 @@ class EdgeMiddleware:
 
 class _BodyRefused(Exception):
     pass
+
+
+def unsupported_media(headers: dict[bytes, bytes]) -> UnsupportedMediaType | None:
+    """415 for a body the service would misread: a Content-Encoding other than identity (gzip, ...), or
+    a Content-Type charset other than UTF-8 (JSON is UTF-8, RFC 8259)."""
+    encoding = headers.get(b"content-encoding", b"identity").decode("latin-1").strip().lower()
+    if encoding not in ("identity", ""):
+        return UnsupportedMediaType(
+            f"Content-Encoding {encoding!r} is not supported; send the body uncompressed (identity)",
+            param="Content-Encoding",
+            code="unsupported_content_encoding",
+        )
+    for part in headers.get(b"content-type", b"").decode("latin-1").split(";")[1:]:
+        name, _, value = part.partition("=")
+        charset = value.strip().strip('"').lower()
+        if name.strip().lower() == "charset" and charset not in ("utf-8", "utf8"):
+            return UnsupportedMediaType(
+                f"charset {charset!r} is not supported; send UTF-8 JSON (Content-Type: application/json)",
+                param="Content-Type",
+                code="unsupported_charset",
+            )
+    return None
 
 
 def has_body(headers: dict[bytes, bytes]) -> bool:
@@ -265,11 +315,11 @@ def install_edge(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        detail = str(exc.detail)
+        detail, param = str(exc.detail), None
         if exc.status_code == 400 and "parsing the body" in detail:
-            detail = "the request body could not be parsed: send UTF-8 JSON"
+            detail, param = "the request body could not be parsed: send UTF-8 JSON", "body"
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request_error")
-        body: dict[str, Any] = {"error": {"message": detail, "type": kind, "param": None, "code": kind}}
+        body: dict[str, Any] = {"error": {"message": detail, "type": kind, "param": param, "code": kind}}
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     app.add_middleware(EdgeMiddleware, settings=settings, metrics=metrics, overloaded=overloaded)

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from models.batching import PromptSplit
 from models.formatting import Encoded, Formatter, FormattingError, TooLongError
@@ -26,6 +26,7 @@ class Limits:
     retry_after_s: int = 1
     admit_wait_fraction: float = 0.7  # admit only when the projected completion is within this of the deadline
     max_reward_queries: int = 4096  # queries per /get_reward call (whole rollout batches)
+    max_messages: int = 512  # messages per prompt (a list, or the turns of templated text)
 
 
 def rollout_deadline(n: int, request_timeout_s: float, max_responses: int) -> float:
@@ -198,11 +199,22 @@ class ScoringEngine:
                 param=count_param,
                 code="too_many_responses",
             )
+        keep = jobs[0].keep_tokens
+        if keep is not None and not 1 <= keep <= self.formatter.max_length:
+            raise InvalidRequest(
+                f"truncate_prompt_tokens is {keep}; give 1 to the model's max length ({self.formatter.max_length}), "
+                "or -1 for the max length",
+                param="truncate_prompt_tokens",
+            )
         seen: set[int] = set()
         for job in jobs:
             if job.prompt is not None and id(job.prompt) not in seen:
                 seen.add(id(job.prompt))
                 self._check_prompt(job.prompt, job.prompt_param)
+            if job.prompt is None:  # templated text: its turns are parsed into messages
+                self._check_turns(job.response, job.param)
+                if job.hint is not None:
+                    self._check_turns(job.hint, job.param)
             # An answer may be empty (a policy does produce empty answers, and a PPO step needs their
             # reward): "", " " and "\n" are the same empty answer. Templated text (prompt None) may not.
             self._check_text(job.response, job.param, allow_empty=job.prompt is not None)
@@ -222,12 +234,36 @@ class ScoringEngine:
                 code="text_too_long",
             )
 
+    def _check_turns(self, text: str, param: str) -> None:
+        """413 when templated (or Human:/Assistant:) text holds more turns than RMSERVE_MAX_MESSAGES: it
+        would be parsed into that many messages. Counted with str.count, before any formatting."""
+        markers = self.formatter.markers
+        turns = text.count("\n\nHuman:") + text.count("\n\nAssistant:")
+        if markers is not None:
+            opens = {markers.open_user, markers.open_assistant} - {""}
+            turns = max(turns, sum(text.count(m) for m in opens))
+        if turns > self.limits.max_messages:
+            raise PayloadTooLarge(
+                f"'{param}' holds {turns:,} conversation turns; at most {self.limits.max_messages:,} messages are "
+                "allowed per prompt (RMSERVE_MAX_MESSAGES)",
+                param=param,
+                code="too_many_messages",
+            )
+
     def _check_prompt(self, prompt: str | Sequence[dict[str, str]], param: str) -> None:
         if isinstance(prompt, str):
             self._check_text(prompt, param)
+            self._check_turns(prompt, param)
             return
         if not prompt:
             raise InvalidRequest(f"'{param}' is an empty message list; give at least one message", param=param)
+        if len(prompt) > self.limits.max_messages:
+            raise PayloadTooLarge(
+                f"'{param}' has {len(prompt):,} messages; at most {self.limits.max_messages:,} are allowed per "
+                "prompt (RMSERVE_MAX_MESSAGES)",
+                param=param,
+                code="too_many_messages",
+            )
         for i, m in enumerate(prompt):
             self._check_text(m["content"], f"{param}[{i}].content", allow_empty=True)
 
@@ -241,19 +277,38 @@ class ScoringEngine:
                         job.response, param=job.param, prompt=job.hint, truncation=job.truncation
                     )
                 else:
+                    answer, cut = self._first_tokens(job.response, job.answer_tokens)
                     enc = self.formatter.encode(
                         job.prompt,
-                        job.response,
+                        answer,
                         param=job.param,
                         prompt_param=job.prompt_param,
                         truncation=job.truncation,
                     )
-                out.append(enc)
+                    if cut:
+                        enc = replace(enc, truncated=True)
+                out.append(keep_tokens(enc, job.keep_tokens, job.keep_side))
             except TooLongError as e:
                 raise PayloadTooLarge(str(e), param=e.param or job.param, code="sequence_too_long") from None
             except FormattingError as e:
                 raise InvalidRequest(str(e), param=e.param or job.param) from None
         return out
+
+    def _first_tokens(self, text: str, n: int | None) -> tuple[str, bool]:
+        """`text` cut to its first `n` tokens (Cohere's max_tokens_per_doc), at a token boundary of the
+        text itself, and whether it was cut."""
+        text = text.strip()
+        if n is None or len(text) <= n:  # a token is at least one character
+            return text, False
+        tok = self.formatter.tokenizer
+        try:
+            enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        except NotImplementedError:  # a slow tokenizer has no offsets: decode the first n ids instead
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            return (tok.decode(ids[:n]), True) if len(ids) > n else (text, False)
+        if len(enc["input_ids"]) <= n:
+            return text, False
+        return text[: enc["offset_mapping"][n - 1][1]], True
 
     async def run(self, encoded: Sequence[Encoded], reservation: Reservation | None = None) -> Scored:
         seqs = [PromptSplit(e.ids, e.prompt_len) for e in encoded]  # the canonical forward splits at the prompt
@@ -292,6 +347,17 @@ class ScoringEngine:
         n = self.normalization
         assert n is not None
         return [(s - n["mean"]) / n["std"] for s in scores]
+
+
+def keep_tokens(enc: Encoded, n: int | None, side: str = "left") -> Encoded:
+    """vLLM's truncate_prompt_tokens on one encoded sequence: its last `n` ids ("left", vLLM's default,
+    `TokenizeParams._token_truncation` in vllm/renderers/params.py) or its first `n` ("right"), marked
+    truncated when anything was cut. The reward is read at the last id kept."""
+    if n is None or len(enc.ids) <= n:
+        return enc
+    if side == "right":
+        return Encoded(enc.ids[:n], min(enc.prompt_len, n), True)
+    return Encoded(enc.ids[-n:], max(0, enc.prompt_len - (len(enc.ids) - n)), True)
 
 
 def _chars(job: Job) -> int:

@@ -30,6 +30,11 @@ class PayloadTooLarge(ServiceError):
     type = "payload_too_large"
 
 
+class UnsupportedMediaType(ServiceError):
+    status = 415
+    type = "unsupported_media_type"
+
+
 class Unauthorized(ServiceError):
     status = 401
     type = "authentication_error"
@@ -98,28 +103,43 @@ _BRANCH_NAMES = (
 )
 
 
+def field_path(loc: Any) -> str | None:
+    """pydantic's error location as the field's name in the request, `items[0].prompt[1].content` (the
+    style of every other error's `param`), without the body and union-branch names; None for the body."""
+    out = ""
+    for p in loc:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif p != "body" and not (p in _BRANCH_NAMES or str(p).startswith("function-")):
+            out += f".{p}" if out else str(p)
+    return out or None
+
+
 def validation_error(errors: list[dict[str, Any]]) -> ServiceError:
-    """pydantic's validation errors -> one error naming the deepest bad field (400 for invalid JSON)."""
+    """pydantic's validation errors -> one error naming the deepest bad field (400 for invalid JSON).
+    A check over several fields (a model validator) names its field through `ctx["param"]`."""
     errors = sorted(errors, key=lambda e: -len(e.get("loc", ())))  # with unions the deepest is informative
     first: dict[str, Any] = errors[0] if errors else {"msg": "invalid request", "loc": ()}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    loc = [p for p in loc if not (p in _BRANCH_NAMES or p.startswith("function-"))]
-    param = ".".join(loc) or None
+    ctx: Any = first.get("ctx") or {}
+    param = field_path(first.get("loc", ()))
+    if isinstance(ctx.get("param"), str):
+        param = f"{param}.{ctx['param']}" if param else ctx["param"]
     kind = str(first.get("type", "invalid"))
     if kind == "json_invalid":
-        ctx: Any = first.get("ctx") or {}
         msg = f"the request body is not valid JSON: {ctx.get('error', first.get('msg'))}"
-        return _Validation(msg, status=400, param=None, code="json_invalid")
+        return _Validation(msg, status=400, param="body", code="json_invalid")
     if param is None and kind == "missing":
         msg = "the request body is empty: send a JSON object (Content-Type: application/json)"
         return _Validation(msg, status=422, param="body", code="body_missing")
-    if param is None and kind in ("model_attributes_type", "dict_type"):
+    if param is None and kind in ("model_attributes_type", "dict_type", "model_type"):
         msg = "the request body must be a JSON object (send Content-Type: application/json)"
-        return _Validation(msg, status=422, param=None, code="body_not_object")
-    msg = f"{param + ': ' if param else ''}{first.get('msg')}"
+        return _Validation(msg, status=422, param="body", code="body_not_object")
+    text = str(first.get("msg"))
+    text = text.removeprefix("Value error, ")
+    msg = f"{param + ': ' if param else ''}{text}"
     if len(errors) > 1:
         msg += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-    return _Validation(msg, status=422, param=param, code=kind)
+    return _Validation(msg, status=422, param=param or "body", code=kind)
 
 
 class HeadersTooLarge(ServiceError):

@@ -3,10 +3,33 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from service.client import render_tool_calls
+
+
+def invalid(param: str, message: str) -> PydanticCustomError:
+    """A check over several fields, failed: the error names `param` (validation_error reads it from ctx)."""
+    return PydanticCustomError("invalid_fields", "{message}", {"message": message, "param": param})
+
 
 MODEL_FIELD = Field(None, description="accepted from clients that always send it; answers name the served model")
 
@@ -20,22 +43,51 @@ class TextPart(BaseModel):
 
 
 class Message(BaseModel):
-    """A chat message. `content` may be a string, a list of text parts (joined without a separator) or
-    missing/null (an empty string). The `tool` role is accepted where the model's chat template has one
-    (else a 422 names the message)."""
+    """A chat message. `content` is a string or a list of text parts (joined without a separator); the key
+    is required (a 422 names a missing one) and a user message's may not be null (a system, tool or
+    assistant message's null is empty text). An assistant message may carry `tool_calls` (OpenAI's
+    shape), with `content` null or left out, and its calls are scored as text after its content, rendered as the
+    TRL adapter renders them (`<tool_call>{"name", "arguments"}</tool_call>`). The `tool` role is accepted
+    where the model's chat template has one (else a 422 names the message)."""
 
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart] | None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _assistant_content_optional(cls, data: Any) -> Any:
+        """Only an assistant message may leave `content` out (OpenAI: with tool calls); it is then null."""
+        if isinstance(data, dict) and data.get("role") == "assistant" and "content" not in data:
+            return {**data, "content": None}
+        return data
+
+    @field_validator("content")
+    @classmethod
+    def _user_content_not_null(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is None and info.data.get("role") == "user":
+            raise PydanticCustomError("content_null", "is null; a user message needs text")
+        return v
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _calls_only_for_assistant(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is not None and info.data.get("role") != "assistant":
+            raise PydanticCustomError("tool_calls_role", "only an assistant message may carry tool calls")
+        return v
 
     def text(self) -> str:
         if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(p.text for p in self.content)
+            text = ""
+        elif isinstance(self.content, str):
+            text = self.content
+        else:
+            text = "".join(p.text for p in self.content)
+        calls = render_tool_calls(self.tool_calls) if self.tool_calls else ""
+        return "\n".join(t for t in (text, calls) if t)
 
 
 Prompt = str | list[Message]
@@ -53,6 +105,9 @@ class Job:
     prompt_param: str = "prompt"
     truncation: Literal["left", "error"] | None = None  # None: the model's own rule
     hint: str | None = None  # templated text only: the templated prompt it starts with (OpenRLHF's `prompts`)
+    keep_tokens: int | None = None  # vLLM's truncate_prompt_tokens: keep this many tokens of the sequence
+    keep_side: Literal["left", "right"] = "left"  # vLLM's truncation_side: "left" keeps the last tokens
+    answer_tokens: int | None = None  # max_tokens_per_doc: the answer cut to its first N tokens first
 
 
 TRUNCATION_FIELD: Any = Field(
@@ -61,6 +116,37 @@ TRUNCATION_FIELD: Any = Field(
     "the oldest turns, then the start of the final question and of the answer, keeping the answer's end; "
     "'error' answers 413 naming the input instead",
 )
+
+
+TRUNCATE_PROMPT_TOKENS: Any = Field(
+    None,
+    ge=-1,
+    description="vLLM's option: keep only the last N tokens of each (prompt, answer) sequence (the first N with "
+    "truncation_side 'right'), reported as truncated; -1 or unset: the model's max length and its own rule; "
+    "more than the max length is a 422",
+)
+TRUNCATION_SIDE: Any = Field(None, description="vLLM's option with truncate_prompt_tokens: 'left' (default) or 'right'")
+MAX_TOKENS_PER_DOC: Any = Field(
+    None,
+    ge=0,
+    description="Cohere's (and vLLM's) option: each document cut to its first N tokens before scoring, reported as "
+    "truncated; 0 or unset: no cut of its own",
+)
+
+
+def dialect_cuts(
+    jobs: list[Job], keep: int | None, side: Literal["left", "right"] | None, per_doc: int | None
+) -> list[Job]:
+    """Jobs with vLLM's truncate_prompt_tokens / truncation_side and max_tokens_per_doc applied as fields."""
+    keep_tokens = keep if keep is not None and keep >= 0 else None  # -1: the model's max length
+    answer_tokens = per_doc or None  # 0: no cut
+    if keep_tokens is None and answer_tokens is None:
+        return jobs
+    return [replace(j, keep_tokens=keep_tokens, keep_side=side or "left", answer_tokens=answer_tokens) for j in jobs]
+
+
+def not_supported(name: str, why: str) -> PydanticCustomError:
+    return PydanticCustomError("not_supported", "{name} is not supported: {why}", {"name": name, "why": why})
 
 
 def tei_truncation(truncate: bool | None) -> Literal["left", "error"] | None:
@@ -96,15 +182,15 @@ class ScoreRequest(BaseModel):
     prompt: Prompt | None = None
     responses: list[str] | None = None
     items: list[ScoreItem] | None = None
-    normalize: bool = Field(False, description="z-score with the training-set mean/std stored in the model")
+    normalize: StrictBool = Field(False, description="z-score with the training-set mean/std stored in the model")
 
     @model_validator(mode="after")
     def _one_shape(self) -> ScoreRequest:
         if self.items is not None:
             if self.prompt is not None or self.responses is not None:
-                raise ValueError("give either 'items' or 'prompt' with 'responses', not both")
+                raise invalid("items", "give either 'items' or 'prompt' with 'responses', not both")
         elif self.prompt is None or self.responses is None:
-            raise ValueError("give 'prompt' and 'responses', or 'items'")
+            raise invalid("prompt" if self.prompt is None else "responses", "give 'prompt' and 'responses', or 'items'")
         return self
 
     truncation: Literal["left", "error"] | None = TRUNCATION_FIELD
@@ -139,10 +225,10 @@ class RankRequest(BaseModel):
     model: str | None = MODEL_FIELD
     prompt: Prompt
     responses: list[str]
-    top_n: int | None = Field(None, ge=0, description="return only the best N; 0 or unset: all")
-    temperature: float = Field(1.0, gt=0, le=1e6, allow_inf_nan=False, description="softmax temperature")
-    return_pairwise: bool = Field(False, description="also return P(i better than j) = sigmoid(r_i - r_j)")
-    normalize: bool = False
+    top_n: StrictInt | None = Field(None, ge=0, description="return only the best N; 0 or unset: all")
+    temperature: StrictFloat = Field(1.0, gt=0, le=1e6, allow_inf_nan=False, description="softmax temperature")
+    return_pairwise: StrictBool = Field(False, description="also return P(i better than j) = sigmoid(r_i - r_j)")
+    normalize: StrictBool = False
 
     truncation: Literal["left", "error"] | None = TRUNCATION_FIELD
 
@@ -178,10 +264,19 @@ class RerankDocument(BaseModel):
     text: str
 
 
+def field_text(value: Any) -> str:
+    """A structured document's field value as text: a string as is, anything else as JSON."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
 class RerankRequest(BaseModel):
     """The rerank shape Cohere (v1 and v2), Jina and vLLM clients speak: `query` is the prompt, each
-    document a candidate answer. Fields of those APIs that do not apply (rank_fields, max_chunks_per_doc,
-    max_tokens_per_doc, truncate_prompt_tokens, priority, ...) are accepted and ignored."""
+    document a candidate answer. A document is a string, or an object scored by its `text` field, or with
+    `rank_fields` (Cohere v1) by those fields as `key: value` lines in rank_fields order (the YAML form
+    Cohere recommends for structured documents). vLLM's truncate_prompt_tokens / truncation_side and
+    Cohere's max_tokens_per_doc are honoured; max_chunks_per_doc (Cohere v1 chunking) and
+    max_tokens_per_query (vLLM) are refused with a 422 rather than ignored. Other fields of those APIs
+    that do not change a score (priority, user, ...) are accepted and ignored."""
 
     model_config = ConfigDict(
         extra="ignore",
@@ -189,26 +284,85 @@ class RerankRequest(BaseModel):
     )
     model: str | None = MODEL_FIELD
     query: str
-    documents: list[str | RerankDocument]
-    top_n: int | None = Field(None, ge=0, description="return only the best N; 0 or unset: all (vLLM's convention)")
-    return_documents: bool = True
-    use_activation: bool | None = ACTIVATION_FIELD
+    documents: list[str | dict[str, Any]]
+    rank_fields: list[str] | None = Field(
+        None, min_length=1, description="Cohere v1: the fields of object documents to score, in this order"
+    )
+    top_n: StrictInt | None = Field(
+        None, ge=0, description="return only the best N; 0 or unset: all (vLLM's convention)"
+    )
+    return_documents: StrictBool = True
+    use_activation: StrictBool | None = ACTIVATION_FIELD
+    truncate_prompt_tokens: StrictInt | None = TRUNCATE_PROMPT_TOKENS
+    truncation_side: Literal["left", "right"] | None = TRUNCATION_SIDE
+    max_tokens_per_doc: StrictInt | None = MAX_TOKENS_PER_DOC
+    max_chunks_per_doc: Any = Field(None, description="Cohere v1's chunking: refused (a 422) when set")
+    max_tokens_per_query: Any = Field(None, description="vLLM's query cut: refused (a 422) when set above 0")
+    _texts: list[str] = PrivateAttr(default_factory=list)
+
+    @field_validator("max_chunks_per_doc")
+    @classmethod
+    def _no_chunks(cls, v: Any) -> Any:
+        if v is not None:
+            raise not_supported(
+                "max_chunks_per_doc",
+                "a document longer than the model's max length is truncated, not scored in chunks; leave it unset "
+                "(send truncation: 'error' to be told instead)",
+            )
+        return v
+
+    @field_validator("max_tokens_per_query")
+    @classmethod
+    def _no_query_cut(cls, v: Any) -> Any:
+        if v not in (None, 0):
+            raise not_supported(
+                "max_tokens_per_query", "the query is the prompt and is cut by the model's own rule; leave it unset"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _documents_have_text(self) -> RerankRequest:
+        self._texts = [self._text(i, d) for i, d in enumerate(self.documents)]
+        return self
+
+    def _text(self, i: int, doc: str | dict[str, Any]) -> str:
+        if isinstance(doc, str):
+            return doc
+        if self.rank_fields is None:
+            if not isinstance(doc.get("text"), str):
+                raise invalid(f"documents[{i}].text", "an object document needs a string 'text', or give rank_fields")
+            return str(doc["text"])
+        missing = [f for f in self.rank_fields if f not in doc]
+        if missing:
+            raise invalid(f"documents[{i}].{missing[0]}", f"has no field {missing[0]!r}, which rank_fields names")
+        return "\n".join(f"{f}: {field_text(doc[f])}" for f in self.rank_fields)
 
     def texts(self) -> list[str]:
-        return [d if isinstance(d, str) else d.text for d in self.documents]
+        """Each document's scored text (validated: strings, `text` fields or rank_fields lines)."""
+        return list(self._texts)
+
+    def returned(self, i: int) -> dict[str, Any]:
+        """Document i as answers return it: {"text": ...} for a string, the object as given otherwise."""
+        doc = self.documents[i]
+        return {"text": doc} if isinstance(doc, str) else doc
 
     truncation: Literal["left", "error"] | None = TRUNCATION_FIELD
 
     def jobs(self) -> tuple[list[Job], str]:
         jobs = [Job(self.query, t, f"documents[{i}]", "query") for i, t in enumerate(self.texts())]
+        jobs = dialect_cuts(jobs, self.truncate_prompt_tokens, self.truncation_side, self.max_tokens_per_doc)
         return with_truncation(jobs, self.truncation), "documents"
 
 
 class RerankResult(BaseModel):
     index: int
     relevance_score: float
-    document: RerankDocument | None = None
-    truncated: bool = Field(False, description="this document's sequence was cut to the model's max length")
+    document: dict[str, Any] | None = Field(
+        None, description="the document as sent: {'text': ...} for a string, the object for a structured one"
+    )
+    truncated: bool = Field(
+        False, description="this document's sequence was cut (the model's max length, or an option asking for a cut)"
+    )
 
 
 class RerankUsage(BaseModel):
@@ -258,9 +412,9 @@ class TEIRerankRequest(BaseModel):
     model: str | None = MODEL_FIELD
     query: str
     texts: list[str]
-    raw_scores: bool = Field(False, description="true: the raw reward; false (TEI's default): sigmoid(reward)")
-    return_text: bool = False
-    truncate: bool | None = Field(
+    raw_scores: StrictBool = Field(False, description="true: the raw reward; false (TEI's default): sigmoid(reward)")
+    return_text: StrictBool = False
+    truncate: StrictBool | None = Field(
         None, description="true: cut over-long inputs (keeping the answer's end); false: 413 instead; unset: cut"
     )
     truncation_direction: str | None = Field(None, description="accepted and ignored")
@@ -299,8 +453,8 @@ class TEIPredictRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = MODEL_FIELD
     inputs: str | list[str] | list[list[str]]
-    raw_scores: bool = Field(False, description="true: the raw reward; false (TEI's default): sigmoid(reward)")
-    truncate: bool | None = Field(
+    raw_scores: StrictBool = Field(False, description="true: the raw reward; false (TEI's default): sigmoid(reward)")
+    truncate: StrictBool | None = Field(
         None, description="true: cut over-long inputs (keeping the answer's end); false: 413 instead; unset: cut"
     )
     truncation_direction: str | None = None
@@ -322,8 +476,9 @@ class TEIPredictRequest(BaseModel):
     def _texts_or_pairs(self) -> TEIPredictRequest:
         for seq, param in self.sequences():
             if len(seq) not in (1, 2):
-                raise ValueError(
-                    f"{param} has {len(seq)} strings; give a text, [text] or a pair [text, text_pair] (TEI's /predict)"
+                raise invalid(
+                    param,
+                    f"{param} has {len(seq)} strings; give a text, [text] or a pair [text, text_pair] (TEI's /predict)",
                 )
         return self
 
@@ -361,22 +516,41 @@ class VLLMScoreRequest(BaseModel):
     queries: ScoreInputs | None = None
     documents: ScoreInputs | None = None
     items: ScoreInputs | None = None
-    use_activation: bool | None = ACTIVATION_FIELD
+    use_activation: StrictBool | None = ACTIVATION_FIELD
+    truncate_prompt_tokens: StrictInt | None = TRUNCATE_PROMPT_TOKENS
+    truncation_side: Literal["left", "right"] | None = TRUNCATION_SIDE
+    max_tokens_per_doc: StrictInt | None = MAX_TOKENS_PER_DOC
+    max_tokens_per_query: Any = Field(None, description="vLLM's query cut: refused (a 422) when set above 0")
+
+    @field_validator("max_tokens_per_query")
+    @classmethod
+    def _no_query_cut(cls, v: Any) -> Any:
+        if v not in (None, 0):
+            raise not_supported(
+                "max_tokens_per_query",
+                "the first text is the prompt and is cut by the model's own rule; leave it unset",
+            )
+        return v
 
     @model_validator(mode="after")
     def _one_pair(self) -> VLLMScoreRequest:
         given = [p for p in VLLM_PAIRS if any(getattr(self, n) is not None for n in p)]
         complete = [p for p in given if all(getattr(self, n) is not None for n in p)]
         if len(complete) != 1:
-            raise ValueError(
-                "give exactly one pair of fields: text_1/text_2, data_1/data_2, queries/documents or queries/items"
+            # name the half-given pair's missing field, else the first pair's
+            lone = [n for p in given if p not in complete for n in p if getattr(self, n) is None]
+            raise invalid(
+                lone[0] if lone and not complete else (complete[1][0] if len(complete) > 1 else "text_1"),
+                "give exactly one pair of fields: text_1/text_2, data_1/data_2, queries/documents or queries/items",
             )
         n1, n2 = complete[0]
         a, b = self._lists()
         if not a or not b:
-            raise ValueError(f"'{n1 if not a else n2}' is empty; give at least one text")
+            raise invalid(n1 if not a else n2, f"'{n1 if not a else n2}' is empty; give at least one text")
         if len(a) != 1 and len(a) != len(b):
-            raise ValueError(f"'{n1}' has {len(a)} texts and '{n2}' has {len(b)}; give one '{n1}' or as many as '{n2}'")
+            raise invalid(
+                n1, f"'{n1}' has {len(a)} texts and '{n2}' has {len(b)}; give one '{n1}' or as many as '{n2}'"
+            )
         return self
 
     def names(self) -> tuple[str, str]:
@@ -397,8 +571,11 @@ class VLLMScoreRequest(BaseModel):
         p1 = [n1] if single1 else [f"{n1}[{i}]" for i in range(len(a))]
         p2 = [n2] if single2 else [f"{n2}[{j}]" for j in range(len(b))]
         if len(a) == 1:
-            return with_truncation([Job(a[0], t, p2[j], p1[0]) for j, t in enumerate(b)], self.truncation), n2
-        return with_truncation([Job(a[i], b[i], p2[i], p1[i]) for i in range(len(a))], self.truncation), n2
+            jobs = [Job(a[0], t, p2[j], p1[0]) for j, t in enumerate(b)]
+        else:
+            jobs = [Job(a[i], b[i], p2[i], p1[i]) for i in range(len(a))]
+        jobs = dialect_cuts(jobs, self.truncate_prompt_tokens, self.truncation_side, self.max_tokens_per_doc)
+        return with_truncation(jobs, self.truncation), n2
 
 
 VLLM_PAIRS = (("queries", "documents"), ("queries", "items"), ("data_1", "data_2"), ("text_1", "text_2"))

@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     max_queued: int = Field(2048, ge=1, description="sequences waiting at most; beyond it 429 at once")
     max_responses: int = Field(64, ge=1, description="responses (or items, or queries) per request")
     max_chars: int = Field(200_000, ge=1, description="characters per text (prompt, message, response)")
+    max_messages: int = Field(
+        512,
+        ge=1,
+        description="messages per prompt (a message list, or the turns of templated text); beyond it 413 naming "
+        "the prompt, before any formatting work",
+    )
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="request body size; beyond it 413")
     request_timeout_s: float = Field(60.0, gt=0, description="per-request deadline; past it 504")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 429 at the hard queue cap")

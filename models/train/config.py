@@ -38,7 +38,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     dev_fraction: float = 0.05  # share of prompts held out for dev (deterministic hash split)
     dev_max: int = 0  # evaluate only the first N dev examples, during training and at the end (0 = all)
-    train_max: int = 0  # keep a seeded sample of this many training examples (0 = all), for CPU budgets
+    train_max: int = 0  # keep a seeded sample of this many training prompts (0 = all), for CPU budgets
     eval_every: int = 0  # dev evaluation every N steps (0 = only at the end)
     save_every: int = 50  # checkpoint every N steps (for --resume)
     seed: int = 0
@@ -92,7 +92,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int, default=d.grad_accum)
     p.add_argument("--dev-fraction", type=float, default=d.dev_fraction)
     p.add_argument("--dev-max", type=int, default=d.dev_max, help="evaluate only the first N dev examples (0 = all)")
-    p.add_argument("--train-max", type=int, default=d.train_max, help="seeded sample of training examples (0 = all)")
+    p.add_argument(
+        "--train-max",
+        type=int,
+        default=d.train_max,
+        help="a seeded sample of N training prompts, each with all its answers (0 = all)",
+    )
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--save-every", type=int, default=d.save_every)
     p.add_argument("--seed", type=int, default=d.seed)

@@ -13,6 +13,21 @@ from service.schemas import ModelCard, ModelList
 router = APIRouter(tags=["health"], responses=ERRORS)
 
 
+@router.get("/", include_in_schema=False)
+async def index() -> dict[str, str]:
+    """Where to start: the API docs, the playground, the probes."""
+    return {
+        "service": "rmserve",
+        "docs": "/docs",
+        "playground": "/playground",
+        "openapi": "/openapi.json",
+        "health": "/health",
+        "ready": "/ready",
+        "metrics": "/metrics",
+        "models": "/v1/models",
+    }
+
+
 @router.get("/health")
 async def health() -> dict[str, str]:
     """Alive (the process answers)."""

@@ -3,10 +3,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from service.ranking import best_first, sigmoid, softmax
-from service.routes.deps import ERRORS, EngineDep, until_disconnected
+from service.routes.deps import ERRORS, EngineDep, MessageLimit, MessageLimitedRoute, until_disconnected
 from service.schemas import Ranked, RankRequest, RankResponse, Usage
 
-router = APIRouter(tags=["scoring"], responses=ERRORS)
+router = APIRouter(tags=["scoring"], responses=ERRORS, dependencies=[MessageLimit], route_class=MessageLimitedRoute)
 
 
 @router.post("/v1/rank", response_model=RankResponse, response_model_exclude_none=True)

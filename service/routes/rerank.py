@@ -15,7 +15,6 @@ from service.schemas import (
     ApiVersion,
     BilledUnits,
     MetaTokens,
-    RerankDocument,
     RerankMeta,
     RerankRequest,
     RerankResponse,
@@ -40,7 +39,7 @@ async def rerank_documents(
         RerankResult(
             index=i,
             relevance_score=scores[i],
-            document=RerankDocument(text=texts[i]) if req.return_documents else None,
+            document=req.returned(i) if req.return_documents else None,
             truncated=scored.truncated[i],
         )
         for i in best_first(scores, req.top_n)

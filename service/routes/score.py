@@ -6,7 +6,7 @@ import uuid
 from fastapi import APIRouter, Request
 
 from service.ranking import activate
-from service.routes.deps import ERRORS, EngineDep, until_disconnected
+from service.routes.deps import ERRORS, EngineDep, MessageLimit, MessageLimitedRoute, until_disconnected
 from service.schemas import (
     AnyScoreRequest,
     ScoreRequest,
@@ -18,7 +18,7 @@ from service.schemas import (
     VLLMUsage,
 )
 
-router = APIRouter(tags=["scoring"], responses=ERRORS)
+router = APIRouter(tags=["scoring"], responses=ERRORS, dependencies=[MessageLimit], route_class=MessageLimitedRoute)
 
 
 @router.post("/v1/score", response_model=ScoreResponse | VLLMScoreResponse)

@@ -33,3 +33,16 @@ def test_eval_max_pairs_and_progress_bar(tmp_path: Path, rm_dir: Path, capsys: p
     assert cli(["eval", "--model", str(rm_dir), "--data", str(data), "--no-progress", "--json"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out.strip().splitlines()[-1])["pairs"] == 40 and "scoring" not in captured.err
+
+
+def test_eval_json_is_alone_on_stdout(tmp_path: Path, rm_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`rmserve eval --json | jq` works: stdout is the JSON object alone; the table goes to stderr."""
+    data = synthetic(tmp_path / "syn.jsonl", 12)
+    capsys.readouterr()
+    assert cli(["eval", "--model", str(rm_dir), "--data", str(data), "--no-progress", "--json"]) == 0
+    captured = capsys.readouterr()
+    res = json.loads(captured.out)  # the whole of stdout
+    assert res["pairs"] == 12 and "accuracy" in captured.err and "syn.jsonl" in captured.err
+    assert cli(["eval", "--model", str(rm_dir), "--data", str(data), "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    assert "syn.jsonl" in table and "accuracy" in table and not table.lstrip().startswith("{")

@@ -66,3 +66,62 @@ def test_playground_ranks_in_a_real_browser(rm_dir: Path, tmp_path: Path) -> Non
     assert cells[0][1] == answers[best]
     assert float(cells[0][2]) == pytest.approx(scores["scores"][best], abs=1e-3)
     assert sum(float(c[3].split("%")[0]) for c in cells) == pytest.approx(100, abs=0.5)
+
+
+NODE = shutil.which("node")
+# A small DOM for the page's script under Node: the elements it reads and writes, and fetch answering
+# first a ranking, then the API's 422 for an empty answer.
+FAKE_DOM = r"""
+const made = () => ({ children: [], style: {}, textContent: "", hidden: false, className: "",
+  appendChild(c) { this.children.push(c); this.lastChild = c; }, replaceChildren() { this.children = []; } });
+const tbody = made();
+const els = { error: made(), prompt: { value: "How?" }, answers: { value: "A\n---\nB" }, key: { value: "" },
+  results: Object.assign(made(), { hidden: true, querySelector: () => tbody }),
+  rank: { disabled: false, addEventListener(_, f) { this.click = f; } } };
+globalThis.document = { getElementById: (id) => els[id], createElement: made };
+const answers = [
+  { ok: true, body: { ranking: [{ index: 1, score: 1.5, probability: 0.6 },
+                                { index: 0, score: 1.0, probability: 0.4 }] } },
+  { ok: false, body: { error: { message: "'responses[1]' is empty; give non-empty text", param: "responses[1]" } } },
+  { ok: false, body: { error: {
+    message: "'responses' has 70 entries; at most 64 are allowed (RMSERVE_MAX_RESPONSES)" } } },
+];
+globalThis.fetch = async () => {
+  const a = answers.shift();
+  return { ok: a.ok, statusText: "x", json: async () => a.body };
+};
+"""
+CHECKS = r"""
+(async () => {
+  const out = [];
+  for (let i = 0; i < 3; i++) {
+    await els.rank.click();
+    out.push({ rows: tbody.children.length, hidden: els.results.hidden, error: els.error.textContent });
+  }
+  els.answers.value = " \n---\n ";
+  await els.rank.click();
+  out.push({ rows: tbody.children.length, hidden: els.results.hidden, error: els.error.textContent });
+  console.log(JSON.stringify(out));
+})();
+"""
+
+
+@pytest.mark.skipif(not NODE, reason="node is not installed")
+def test_playground_clears_results_under_an_error_and_says_answers(tmp_path: Path) -> None:
+    import json
+    import re
+    import subprocess
+
+    page = (Path(__file__).resolve().parents[2] / "service" / "static" / "playground.html").read_text()
+    script = re.search(r"<script>(.*)</script>", page, re.S)
+    assert script is not None
+    js = tmp_path / "page.js"
+    js.write_text(FAKE_DOM + script.group(1) + CHECKS)
+    run = subprocess.run([NODE, str(js)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    ok, empty, many, none = json.loads(run.stdout)
+    assert ok == {"rows": 2, "hidden": False, "error": ""}
+    assert empty["rows"] == 0 and empty["hidden"] is True  # the previous ranking is gone
+    assert empty["error"] == "answer 2 is empty; give non-empty text"
+    assert many["error"] == "answers has 70 entries; at most 64 are allowed (RMSERVE_MAX_RESPONSES)"
+    assert none["hidden"] is True and "at least one answer" in none["error"]
