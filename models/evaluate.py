@@ -220,6 +220,12 @@ def bound_pairs(examples: Sequence[RankedExample], max_pairs: int | None) -> lis
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory")
+    p.add_argument(
+        "--model-format",
+        default="auto",
+        choices=["auto", "rmserve", "hf", "openrlhf"],
+        help="checkpoint format of --model (auto: detected from its files)",
+    )
     p.add_argument("--data", nargs="+", required=True, help="comparison files (JSONL or .jsonl.gz)")
     p.add_argument("--format", choices=FORMATS, default=None, help="data format (default: detected)")
     p.add_argument("--dev-only", action="store_true", help="score only the dev split recorded in the model card")
@@ -264,7 +270,9 @@ def main(args: argparse.Namespace) -> int:
 
     dtype = auto_dtype(args.device) if args.dtype == "auto" else args.dtype
     forward = getattr(args, "forward", "canonical")
-    model, tok = RewardModel.load(args.model, dtype=dtype, device=args.device)
+    model, tok = RewardModel.load(
+        args.model, dtype=dtype, device=args.device, format=getattr(args, "model_format", None)
+    )
     training = model.config.training or {}
     from models.canonical import supports
 

@@ -42,12 +42,29 @@ class Int8Refused(ValueError):
         super().__init__(INT8_REFUSED)
 
 
-def export_onnx(model_dir: str | Path, out: str | Path | None = None, *, int8: bool = False) -> Path:
-    """Write the fp32 ONNX graph (MODEL/model.onnx unless `out`); `int8` raises Int8Refused."""
+def export_hf(model_dir: str | Path, out: str | Path, *, model_format: str | None = None) -> Path:
+    """Write `model_dir` (any format rmserve reads) as an rmserve directory in the transformers form at
+    `out` (models/checkpoints/rmserve.py `save`): `AutoModelForSequenceClassification.from_pretrained(out)`
+    then gives what rmserve serves from `out`. A head with a bias (models trained before issue 22) loses
+    it: raw rewards become `old - bias`, and the normalization mean moves with them, so normalized rewards
+    and rankings are unchanged."""
+    if out is None:
+        raise ValueError("--format hf needs --out DIR (a new model directory)")
+    if Path(out).resolve() == Path(model_dir).resolve():
+        raise ValueError("--out must be a new directory, not the model directory itself")
+    model, tok = RewardModel.load(model_dir, dtype="float32", format=model_format)
+    return model.save(out, tok)
+
+
+def export_onnx(
+    model_dir: str | Path, out: str | Path | None = None, *, int8: bool = False, model_format: str | None = None
+) -> Path:
+    """Write the fp32 ONNX graph (MODEL/model.onnx unless `out`) of a model in any format rmserve reads;
+    `int8` raises Int8Refused."""
     if int8:
         raise Int8Refused()
     d = Path(model_dir)
-    model, tok = RewardModel.load(d, dtype="float32")
+    model, tok = RewardModel.load(d, dtype="float32", format=model_format)
     # Eager attention exports to plain MatMul/Softmax that every ONNX Runtime build runs.
     model.body.config._attn_implementation = "eager"
     model.eval()
@@ -76,5 +93,11 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, *, int8: b
 
 
 def main(args: argparse.Namespace) -> int:
-    print(export_onnx(args.model, args.out, int8=args.int8))
+    model_format = getattr(args, "model_format", None)
+    if getattr(args, "format", "onnx") == "hf":
+        if args.int8:
+            raise Int8Refused()
+        print(export_hf(args.model, args.out, model_format=model_format))
+    else:
+        print(export_onnx(args.model, args.out, int8=args.int8, model_format=model_format))
     return 0

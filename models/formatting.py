@@ -1,8 +1,10 @@
 """One formatting path, shared by the trainer, `rmserve eval` and every service route.
 
 A prompt (a message list, or a string) and one answer become token ids built with the backbone
-tokenizer's chat template: the answer is the final assistant turn, closed by the end-of-turn token
-that the reward is read at. A reward is a function of (prompt, answer) alone, so the path normalizes:
+tokenizer's chat template: the answer is the final assistant turn, closed as the checkpoint's
+`RewardRule` says (rmserve's own: by the end-of-turn token; transformers/TRL: the template's whole
+rendering; OpenRLHF: eos after the generation prompt and answer), and the ids end at the token the
+reward is read at. A reward is a function of (prompt, answer) alone, so the path normalizes:
 
 - **What counts as content.** Leading and trailing whitespace of the answer and of every message
   content is not content: it is stripped. `"Paris."`, `"Paris.\\n"` and `"  Paris.  \\n\\n"` give the
@@ -184,6 +186,54 @@ def split_hh_pair(chosen: str, rejected: str) -> tuple[list[Message], str, str]:
     return prompt, chosen[start:].strip(), rejected[start:].strip()
 
 
+Close = Literal["end_of_turn", "template", "eos"]
+
+
+@dataclass(frozen=True)
+class RewardRule:
+    """What text a checkpoint's framework scores and at which token it reads the reward: data chosen once
+    by the checkpoint loader (models/checkpoints/) and carried into the `Formatter`, so that the ids it
+    makes END at the read token. Runtimes then read the last token of each sequence and know no format.
+
+    `close`, how the answer is closed (with a chat template):
+      - "end_of_turn" (rmserve): the template over the conversation, the answer's turn cut right after its
+        first eos (the end-of-turn token, appended when the template has none there); read there.
+      - "template" (transformers / TRL / reward-bench): the template over the whole conversation, no
+        generation prompt, every character of it (trl/trainer/reward_trainer.py `tokenize_fn` ->
+        trl/data_utils.py `_tokenize`: `apply_chat_template(prompt + chosen, tokenize=True)`).
+      - "eos" (OpenRLHF): the prompt rendered with the generation prompt, the answer, then eos: what its
+        PPO sends to a remote reward model (openrlhf/utils/agent.py decodes the prompt and generated ids,
+        eos included; openrlhf/cli/serve_rm.py tokenizes with add_special_tokens=False).
+      Without a chat template every rule scores the HH layout (`"\n\nHuman: q\n\nAssistant: a"`) then
+      eos, as TRL's `add_eos` and OpenRLHF's reward dataset append eos to plain text.
+
+    `skip_id`: transformers' `*ForSequenceClassification.forward` reads the rightmost token that is not
+    `config.pad_token_id` (transformers/modeling_layers.py `GenericForSequenceClassification`): trailing
+    ids equal to `skip_id` are dropped from the sequence's end, so the last id is the one transformers
+    reads (the model is causal: the hidden state there does not change). None: the last token is read.
+    """
+
+    name: str = "rmserve"
+    close: Close = "end_of_turn"
+    skip_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.close not in ("end_of_turn", "template", "eos"):
+            raise ValueError(f"rule.close must be 'end_of_turn', 'template' or 'eos', got {self.close!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "close": self.close, "skip_id": self.skip_id}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> RewardRule:
+        d = d or {}
+        skip = d.get("skip_id")
+        return cls(str(d.get("name", "rmserve")), d.get("close", "end_of_turn"), None if skip is None else int(skip))
+
+
+RMSERVE_RULE = RewardRule()
+
+
 @dataclass(frozen=True)
 class TemplateMarkers:
     """The chat template's role markers, learned by rendering probe conversations with sentinels.
@@ -213,9 +263,13 @@ class Formatter:
         max_length: most tokens per sequence, the scored token included.
         truncation: default for sequences longer than `max_length`: "left" cuts (see the module
             docstring for the order), "error" refuses with a `TooLongError`. Each call may override it.
+        rule: what text the checkpoint's framework scores and where it reads (`RewardRule`); rmserve's own
+            rule by default.
     """
 
-    def __init__(self, tokenizer: Any, max_length: int = 1024, truncation: Truncation = "left") -> None:
+    def __init__(
+        self, tokenizer: Any, max_length: int = 1024, truncation: Truncation = "left", rule: RewardRule | None = None
+    ) -> None:
         if max_length < 8:
             raise ValueError(f"max_length must be at least 8, got {max_length}")
         if truncation not in ("left", "error"):
@@ -223,6 +277,7 @@ class Formatter:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.truncation: Truncation = truncation
+        self.rule = rule or RMSERVE_RULE
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
         template = getattr(tokenizer, "chat_template", None)
         has_tool = isinstance(template, str) and ("'tool'" in template or '"tool"' in template)
@@ -257,12 +312,16 @@ class Formatter:
                 plain += [f"\n\n{names[role]}:", slot]
             return [*plain, "\n\nAssistant:", n_answer, self.eot_token or ""]
         conv = [{"role": role, "content": _SENTINEL.format(slot)} for slot, role in roles]
-        conv.append({"role": "assistant", "content": _SENTINEL.format(n_answer)})
+        prompt_only = self.rule.close == "eos"  # OpenRLHF: the prompt with the generation prompt, answer, eos
+        if not prompt_only:
+            conv.append({"role": "assistant", "content": _SENTINEL.format(n_answer)})
         try:
-            text = self._render(conv)
+            text = self._render(conv, generation_prompt=prompt_only)
         except Exception as e:  # jinja's TemplateError and raise_exception(): the template refused the roles
             raise FormattingError(f"the chat template refused this conversation: {e}", param) from None
         parts = _SENTINEL_RE.split(text)  # [text, slot, text, slot, ..., text]
+        if prompt_only:
+            parts += [str(n_answer), self.eot_token or ""]
         slots = [int(s) for s in parts[1::2]]
         if sorted(slots) != sorted([s for s, _ in roles] + [n_answer]) or slots[-1] != n_answer:
             raise FormattingError(
@@ -273,7 +332,8 @@ class Formatter:
         out: list[Piece] = [parts[0]]
         for slot, txt in zip(slots, parts[2::2], strict=True):
             out += [slot, txt]
-        out[-1] = self._close(str(out[-1]))
+        if self.rule.close == "end_of_turn":
+            out[-1] = self._close(str(out[-1]))
         return [p for p in out if p != ""]
 
     def _close(self, tail: str) -> str:
@@ -439,7 +499,7 @@ class Formatter:
         avail = self.max_length - sum(len(self._piece_ids(p)) for p in layout if isinstance(p, str))
         if avail <= 0:  # the template's own text does not fit: keep the sequence's end
             enc = self._assemble(layout, ids, {}, n, True)
-            return Encoded(enc.ids[-self.max_length :], 0, True)
+            return Encoded(self._end_at_read_token(enc.ids[-self.max_length :]), 0, True)
         users = [s for s in slots if s < n and messages[s]["role"] == "user"]
         question = users[-1] if users else None
         q_len = len(ids[question]) if question is not None else 0
@@ -467,7 +527,19 @@ class Formatter:
             k = keep.get(p, len(ids[p]))
             if k:
                 out += ids[p][len(ids[p]) - k :]
-        return Encoded(out, prompt_len, truncated)
+        out = self._end_at_read_token(out)
+        return Encoded(out, min(prompt_len, len(out)), truncated)
+
+    def _end_at_read_token(self, ids: list[int]) -> list[int]:
+        """`ids` without the trailing ids the rule does not read (`RewardRule.skip_id`): they end at the
+        token the framework reads. At least one id is always kept."""
+        skip = self.rule.skip_id
+        if skip is None:
+            return ids
+        end = len(ids)
+        while end > 1 and ids[end - 1] == skip:
+            end -= 1
+        return ids[:end]
 
     # -- templated text -----------------------------------------------------------------------------
     def _starts_templated(self, text: str) -> bool:
@@ -586,7 +658,7 @@ class Formatter:
         eot = self._piece_ids(self.eot_token) if self.eot_token else []
         ids = self._content_ids(content)
         if len(ids) + len(eot) <= self.max_length:
-            return Encoded(ids + eot, 0, False)
+            return Encoded(self._end_at_read_token(ids + eot), 0, False)
         if (truncation or self.truncation) == "error":
             partial = len(content) > self.max_length * _WINDOW_CHARS_PER_TOKEN
             raise TooLongError(
@@ -596,7 +668,7 @@ class Formatter:
                 len(ids) + len(eot),
                 self.max_length,
             )
-        return Encoded(ids[len(ids) + len(eot) - self.max_length :] + eot, 0, True)
+        return Encoded(self._end_at_read_token(ids[len(ids) + len(eot) - self.max_length :] + eot), 0, True)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -605,6 +677,7 @@ class Formatter:
             "truncation": self.truncation,
             "end_of_turn": self.eot_token,
             "question_share": QUESTION_SHARE,
+            "rule": self.rule.to_dict(),
         }
 
 

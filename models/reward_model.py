@@ -2,56 +2,32 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.backbone import BackboneError, BackboneInfo, load_backbone, resolve_dtype
-from models.formatting import Formatter, Truncation
+from models.backbone import BackboneInfo, load_backbone
+from models.checkpoints.metadata import (
+    BODY_WEIGHTS,
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    HEAD_WEIGHTS,
+    ModelDirError,
+    RewardConfig,
+    read_config,
+    read_json_object,
+)
+from models.formatting import Formatter, RewardRule, Truncation
+from models.head import ScoreHead
 
 log = logging.getLogger(__name__)
-
-CONFIG_NAME = "rmserve.json"
-BODY_WEIGHTS = "model.safetensors"
-HEAD_WEIGHTS = "head.safetensors"
-FORMAT_VERSION = 1
-
-
-class ModelDirError(BackboneError):
-    """A model directory that is missing files or holds corrupt ones; the message names the file."""
-
-
-@dataclass
-class RewardConfig:
-    """Everything besides weights that a reward model directory records (rmserve.json)."""
-
-    backbone: str = "unknown"  # where the backbone came from (path or id)
-    model_type: str = "unknown"  # transformers model_type of the body (llama, gpt2, ...)
-    hidden_size: int = 0
-    max_length: int = 1024  # most tokens per scored sequence
-    truncation: Truncation = "left"  # response longer than max_length: "left" keeps its end, "error" refuses
-    normalization: dict[str, float] | None = None  # {"mean", "std"} of training rewards, for z-scores
-    backbone_info: dict[str, Any] = field(default_factory=dict)
-    training: dict[str, Any] = field(default_factory=dict)  # recipe and metrics from the trainer
-    format_version: int = FORMAT_VERSION
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RewardConfig:
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -95,7 +71,10 @@ def collate(
 class RewardModel(nn.Module):
     """Trimmed backbone (transformer body) + Linear(hidden, 1) head on the last real token's state.
 
-    The head stays in float32 whatever the body's dtype, so rewards are read out at full precision.
+    The head (`score` in saved checkpoints) is bias-free, as every standard reward head; models saved
+    before issue 22 load with their bias. The head stays in float32 whatever the body's dtype, so rewards
+    are read out at full precision. Where the last token is, and what text precedes it, is the
+    checkpoint's `RewardRule` (config.rule), applied by the Formatter.
     """
 
     body: Any  # a transformers PreTrainedModel body (or a peft wrapper of one while training LoRA)
@@ -105,10 +84,9 @@ class RewardModel(nn.Module):
         self.body = body
         self.config = config
         hidden = int(body.config.hidden_size)
-        self.head = head if head is not None else nn.Linear(hidden, 1)
+        self.head = head if head is not None else ScoreHead(hidden)
         if head is None:
             nn.init.normal_(self.head.weight, std=1.0 / (hidden + 1) ** 0.5)
-            nn.init.zeros_(self.head.bias)
         self.head.float()
 
     # -- construction ---------------------------------------------------------------------------
@@ -184,7 +162,8 @@ class RewardModel(nn.Module):
         return (rewards - n["mean"]) / n["std"]
 
     def formatter(self, tokenizer: Any) -> Formatter:
-        return Formatter(tokenizer, self.config.max_length, self.config.truncation)
+        rule = RewardRule.from_dict(self.config.rule)
+        return Formatter(tokenizer, self.config.max_length, self.config.truncation, rule)
 
     @torch.inference_mode()
     def score_ids(
@@ -203,21 +182,20 @@ class RewardModel(nn.Module):
 
     # -- save / load ----------------------------------------------------------------------------
     def save(self, out_dir: str | Path, tokenizer: Any) -> Path:
-        """Write a model directory atomically: body weights + config, head, tokenizer, rmserve.json."""
+        """Write a model directory atomically, readable by other users (models/checkpoints/rmserve.py
+        `save`: a transformers *ForSequenceClassification directory + rmserve.json)."""
+        from models.checkpoints.files import make_readable
+        from models.checkpoints.rmserve import save as save_checkpoint
+
         out = Path(out_dir)
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
         try:
-            self.body.save_pretrained(staging, safe_serialization=True)
-            save_file(
-                {k: v.detach().float().contiguous() for k, v in self.head.state_dict().items()},
-                str(staging / HEAD_WEIGHTS),
-            )
-            tokenizer.save_pretrained(staging)
-            (staging / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+            save_checkpoint(self, tokenizer, staging)
             for extra in ("MODEL_CARD.md", "metrics.json"):
                 if (out / extra).exists() and not (staging / extra).exists():
                     shutil.copy2(out / extra, staging / extra)
+            make_readable(staging)
             if out.exists():
                 backup = out.with_name(out.name + ".old")
                 if backup.exists():
@@ -240,103 +218,43 @@ class RewardModel(nn.Module):
         dtype: str | torch.dtype = "float32",
         device: str | torch.device = "cpu",
         trust_remote_code: bool = False,
+        format: str | None = None,
     ) -> tuple[RewardModel, Any]:
-        """Load a model directory written by `save`; every missing or corrupt file is named."""
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        """Load a reward checkpoint in any format rmserve reads (models/checkpoints/: rmserve, hf,
+        openrlhf), detected from the files unless `format` forces one; every problem is a ModelDirError
+        naming the file, what was found and the fix."""
+        from models.checkpoints import load
 
-        d = Path(model_dir)
-        if not d.is_dir():
-            raise ModelDirError(f"model directory {d} does not exist")
-        cfg = read_config(d)
-        missing = [n for n in (CONFIG_NAME, "config.json", BODY_WEIGHTS, HEAD_WEIGHTS) if not (d / n).is_file()]
-        if not ((d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file()):
-            missing.append("tokenizer.json")
-        if missing:
-            raise ModelDirError(f"model directory {d} is missing {', '.join(missing)}")
-        try:
-            body_cfg = AutoConfig.from_pretrained(str(d), trust_remote_code=trust_remote_code)
-        except Exception as e:
-            raise ModelDirError(f"{d / 'config.json'} cannot be read: {e}") from e
-        try:
-            head_sd = load_file(str(d / HEAD_WEIGHTS))
-        except Exception as e:
-            raise ModelDirError(f"{d / HEAD_WEIGHTS} is corrupt: {e}") from e
-        if set(head_sd) != {"weight", "bias"} or tuple(head_sd["weight"].shape) != (1, body_cfg.hidden_size):
-            raise ModelDirError(
-                f"{d / HEAD_WEIGHTS} must hold weight (1, {body_cfg.hidden_size}) and bias (1,), "
-                f"found {{{', '.join(f'{k}: {tuple(v.shape)}' for k, v in head_sd.items())}}}"
-            )
-        try:
-            body = AutoModel.from_pretrained(
-                str(d),
-                config=body_cfg,
-                dtype=resolve_dtype(dtype),
-                use_safetensors=True,
-                trust_remote_code=trust_remote_code,
-            )
-        except Exception as e:
-            raise ModelDirError(f"{d / BODY_WEIGHTS} cannot be loaded: {e}") from e
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(d), trust_remote_code=trust_remote_code)
-        except Exception as e:
-            raise ModelDirError(f"the tokenizer in {d} cannot be loaded: {e}") from e
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        head = nn.Linear(int(body_cfg.hidden_size), 1)
-        head.load_state_dict(head_sd)
+        body, head, cfg, tok = load(
+            model_dir, format=format, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+        )
         model = cls(body, cfg, head=head)
         model.to(device)
         model.head.float()
-        model.eval()
-        return model, tokenizer
+        return model.eval(), tok
 
 
-def check_model_dir(model_dir: str | Path) -> RewardConfig:
-    """Check a model directory without loading weights: every file present, headers readable.
+def check_model_dir(model_dir: str | Path, format: str | None = None) -> RewardConfig | None:
+    """Check a checkpoint directory without loading weights (models/checkpoints `check`): every refusal
+    `RewardModel.load` would make. Returns rmserve.json's config for rmserve directories, else None."""
+    from models.checkpoints import check
 
-    Raises ModelDirError naming the first missing or corrupt file.
-    """
-    from safetensors import safe_open
-
-    d = Path(model_dir)
-    if not d.is_dir():
-        raise ModelDirError(f"model directory {d} does not exist")
-    cfg = read_config(d)
-    missing = [n for n in ("config.json", BODY_WEIGHTS, HEAD_WEIGHTS) if not (d / n).is_file()]
-    if not ((d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file()):
-        missing.append("tokenizer.json")
-    if missing:
-        raise ModelDirError(f"model directory {d} is missing {', '.join(missing)}")
-    try:
-        json.loads((d / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelDirError(f"{d / 'config.json'} is not valid JSON: {e}") from e
-    for name in (BODY_WEIGHTS, HEAD_WEIGHTS):
-        try:
-            with safe_open(str(d / name), framework="pt") as f:
-                list(f.keys())
-        except Exception as e:
-            raise ModelDirError(f"{d / name} is corrupt: {e}") from e
-    return cfg
+    name = check(model_dir, format)
+    return read_config(model_dir) if name == "rmserve" else None
 
 
-def read_json_object(p: Path, error: type[Exception], missing: str) -> dict[str, Any]:
-    """A JSON object from file `p`; `error` names the file when it is missing (`missing` says what it
-    should have been), not valid JSON, or not an object."""
-    if not p.is_file():
-        raise error(f"{p} is missing: {missing}")
-    try:
-        raw = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise error(f"{p} is not valid JSON: {e}") from e
-    if not isinstance(raw, dict):
-        raise error(f"{p} must hold a JSON object")
-    return raw
-
-
-def read_config(model_dir: str | Path) -> RewardConfig:
-    p = Path(model_dir) / CONFIG_NAME
-    raw = read_json_object(p, ModelDirError, "this is not an rmserve model directory")
-    if raw.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-        raise ModelDirError(f"{p} has format_version {raw['format_version']}; this rmserve reads {FORMAT_VERSION}")
-    return RewardConfig.from_dict(raw)
+__all__ = [
+    "BODY_WEIGHTS",
+    "CONFIG_NAME",
+    "FORMAT_VERSION",
+    "HEAD_WEIGHTS",
+    "ModelDirError",
+    "RewardConfig",
+    "RewardModel",
+    "check_model_dir",
+    "collate",
+    "last_token_index",
+    "position_ids_from_mask",
+    "read_config",
+    "read_json_object",
+]

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.backbone import BackboneError, sha256_file
+from models.head import ScoreHead
 from models.reward_model import CONFIG_NAME, RewardConfig, RewardModel, read_config, read_json_object
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ def trained_tensors(model: RewardModel, method: str) -> tuple[dict[str, torch.Te
     """(name -> tensor, LoRA module -> scale) of what `method` trains, detached on the CPU.
 
     LoRA pairs are named `<module>.lora_A` / `<module>.lora_B` with peft's prefixes removed, so that
-    they read as the plain model's module names; the head is always included (weight and bias).
+    they read as the plain model's module names; the head is always included.
     """
     if method == "full":
         raise ValueError("--method full trains every tensor: the whole model directory is what it ships")
@@ -159,7 +160,13 @@ def assemble(trained_dir: str | Path, backbone: str | Path, out: str | Path) -> 
     model, tok = RewardModel.from_backbone(
         backbone, dtype="float32", max_length=cfg.max_length, truncation=cfg.truncation, seed=None
     )
+    bias = tensors.pop("head.bias", None)
+    if bias is not None:  # shipped before heads were bias-free: keep it until save folds it into the mean
+        model.head = ScoreHead(model.head.in_features, bias=True)
     apply_trained(model, manifest, tensors)
+    if bias is not None:
+        with torch.no_grad():
+            model.head.bias.copy_(bias.float().reshape(1))
     cfg.backbone_info = model.config.backbone_info
     cfg.backbone = model.config.backbone
     model.config = cfg

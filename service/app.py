@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from models.formatting import Formatter
+from models.formatting import Formatter, RewardRule
 from service.batcher import Batcher
 from service.edge import install_edge
 from service.engine import Limits, ScoringEngine
@@ -49,13 +49,14 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        documents = asyncio.create_task(docs.prerender(app))  # /openapi.json, /docs, /redoc: rendered once
         model_dir = resolve_model_dir(settings)
         runtime, tokenizer, cfg, card = await asyncio.to_thread(load_runtime, settings, model_dir)
         await asyncio.to_thread(runtime.warmup)
         rate = await asyncio.to_thread(calibrate, runtime)  # the batcher's prior drain rate
         if runtime_wrapper is not None:
             runtime = runtime_wrapper(runtime)
-        formatter = Formatter(tokenizer, cfg.max_length, cfg.truncation)
+        formatter = Formatter(tokenizer, cfg.max_length, cfg.truncation, RewardRule.from_dict(cfg.rule))
         await asyncio.to_thread(probe_formatter, formatter, card["id"])
         batcher = Batcher(
             runtime.score,
@@ -76,6 +77,7 @@ def create_app(
             batcher,
             model_id=card["id"],
             normalization=cfg.normalization,
+            normalize_rollouts=bool(getattr(cfg, "normalize_rollouts", False)),
             limits=Limits(
                 settings.max_responses,
                 settings.max_chars,
@@ -90,6 +92,7 @@ def create_app(
         )
         state.batcher, state.runtime, state.card = batcher, runtime, card
         state.metrics.model_info.info({k: str(card[k]) for k in ("id", "backbone", "dtype", "runtime", "max_length")})
+        await documents
         state.ready = True
         log.info("serving %s (%s, %s) from %s", card["id"], runtime.name, runtime.dtype, model_dir)
         try:
@@ -104,7 +107,8 @@ def create_app(
         description="Reward-model scoring: score, rank, rerank (Cohere, Jina, vLLM and TEI dialects), and the "
         "OpenRLHF reward oracle.",
         lifespan=lifespan,
-        docs_url=None,  # /docs and /redoc come from routes/docs.py, served without a CDN
+        docs_url=None,  # /docs, /redoc and /openapi.json come from routes/docs.py: no CDN, rendered once
+        openapi_url=None,
         redoc_url=None,
     )
     app.state.rm = state

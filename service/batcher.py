@@ -44,6 +44,18 @@ class Reservation:
             self._batcher._reserved_tokens -= self.tokens
 
 
+class Ticket:
+    """One request's work in the batcher (all its submits, slices included): its deadline
+    (`time.perf_counter()` seconds, None: none) and whether any of its sequences has entered a forward
+    pass. Work that has started is finished; work that has not is refused once it would end past the
+    deadline (`Batcher._refuse_late`)."""
+
+    def __init__(self, deadline: float | None = None) -> None:
+        self.deadline = deadline
+        self.started = False
+        self.refused: QueueFull | None = None
+
+
 class BatchObserver(Protocol):
     def batch(self, size: int, real_tokens: int, padded_tokens: int, seconds: float) -> None: ...
     def queue(self, depth: int) -> None: ...
@@ -54,7 +66,7 @@ class BatchObserver(Protocol):
 class _Item:
     seq: Sequence[int]
     future: asyncio.Future[float]
-    group: object  # sequences of one submit() share a group object
+    group: Ticket  # the request the sequence belongs to
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -185,9 +197,13 @@ class Batcher:
             self._task = None
         self._executor.shutdown(wait=True)
 
-    async def submit(self, seqs: Sequence[Sequence[int]], reservation: Reservation | None = None) -> list[float]:
-        """Score sequences; raises QueueFull at once when admitting them would pass `max_queued`.
-        `reservation` (from `admit()`) is released: the real token counts replace it.
+    async def submit(
+        self, seqs: Sequence[Sequence[int]], reservation: Reservation | None = None, ticket: Ticket | None = None
+    ) -> list[float]:
+        """Score sequences; raises QueueFull at once when admitting them would pass `max_queued`, or later
+        when the drain rate falls so far that the request (`ticket`, with its deadline) would miss its
+        deadline before any of its work started. `reservation` (from `admit()`) is released: the real token
+        counts replace it.
 
         If the caller is cancelled (client gone, deadline), its queued sequences are dropped before
         they are computed.
@@ -200,8 +216,10 @@ class Batcher:
             raise QueueFull("the service is shutting down")
         if len(self._pending) + len(seqs) > self.max_queued:
             raise QueueFull(f"{len(self._pending)} sequences are queued; the limit is {self.max_queued}")
+        if ticket is not None and ticket.refused is not None:
+            raise ticket.refused
         loop = asyncio.get_running_loop()
-        group = object()
+        group = ticket if ticket is not None else Ticket()
         items = [_Item(s, loop.create_future(), group) for s in seqs]
         for i in items:
             self._outstanding_tokens += len(i.seq)
@@ -237,6 +255,32 @@ class Batcher:
         first = self.tokens_per_s is None or self._seeded
         self.tokens_per_s = rate if first else (1 - a) * self.tokens_per_s + a * rate  # type: ignore[operator]
         self._seeded = False
+
+    def _refuse_late(self, queued: list[_Item]) -> None:
+        """Re-check the projection after a pass (the drain rate may have fallen since admission): in the
+        order the `queued` work will run, a request none of whose sequences has started is refused (its
+        futures fail with QueueFull, a 429 upstream) when the tokens ahead of its own plus its own, at the
+        measured (smoothed) rate, would end past its deadline. Refused work no longer counts ahead of later
+        work."""
+        rate = self.tokens_per_s
+        if not rate:
+            return
+        now, ahead = time.perf_counter(), 0
+        for it in queued:
+            t = it.group
+            if it.future.done() or t.refused is not None:
+                continue
+            ahead += len(it.seq)
+            late = now + ahead / rate - t.deadline if t.deadline is not None and not t.started else 0.0
+            if late > 0:
+                t.refused = QueueFull(
+                    f"the drain rate fell to {rate:,.0f} tokens/s after this request was admitted: its work would "
+                    f"end {late:.1f} s past its deadline",
+                    retry_after_s=ahead / rate,
+                )
+        for it in queued:
+            if it.group.refused is not None and not it.future.done():
+                it.future.set_exception(it.group.refused)
 
     # -- worker ---------------------------------------------------------------------------------
     def _take_window(self) -> list[_Item]:
@@ -293,7 +337,8 @@ class Batcher:
             window = self._take_window()
             if self._observer:
                 self._observer.queue(len(self._pending))
-            for batch in self._split(window):
+            batches = self._split(window)
+            for n, batch in enumerate(batches):
                 live = [i for i in batch if not i.future.done()]
                 if not live:
                     continue
@@ -302,6 +347,8 @@ class Batcher:
                     for i in live:
                         self._observer.waited(now - i.enqueued)
                 seqs = [i.seq for i in live]
+                for i in live:
+                    i.group.started = True  # finished and answered from here on, even past its deadline
                 t0 = time.perf_counter()
                 self.busy = True
                 try:
@@ -330,3 +377,4 @@ class Batcher:
                 for i, s in zip(live, scores, strict=True):
                     if not i.future.done():
                         i.future.set_result(s)
+                self._refuse_late([i for b in batches[n + 1 :] for i in b] + list(self._pending))

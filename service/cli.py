@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve a reward model over HTTP")
     s.add_argument("--model", default=None, help="model directory (default: the assembled default model)")
     s.add_argument(
+        "--model-format",
+        default=None,
+        choices=["auto", "rmserve", "hf", "openrlhf"],
+        help="checkpoint format of --model: auto (default) detects it from the files (rmserve.json, OpenRLHF's "
+        "value_head_prefix, else transformers *ForSequenceClassification)",
+    )
+    s.add_argument(
         "--runtime",
         default=None,
         choices=["auto", "torch", "onnx"],
@@ -96,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         choices=["canonical", "padded"],
         help="torch: canonical (default; packed, a reward is the same bits alone or in any batch) | padded",
+    )
+    s.add_argument(
+        "--device",
+        default=None,
+        help="cpu (default) | cuda | cuda:N (or RMSERVE_DEVICE); refused where torch sees no GPU. On CUDA, dtype "
+        "auto is bf16, labelled 'invariance not measured'",
     )
     s.add_argument("--host", default=None, help="bind address (default 127.0.0.1; 0.0.0.0 must be explicit)")
     s.add_argument("--port", type=int, default=None, help="port (default 8000)")
@@ -123,9 +136,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_args(e)
     e.set_defaults(func=cmd_eval)
 
-    x = sub.add_parser("export", help="export a model directory to ONNX (fp32; --int8 is refused with its reason)")
-    x.add_argument("--model", required=True, help="model directory")
-    x.add_argument("--out", default=None, help="output file (default: MODEL/model.onnx or model.int8.onnx)")
+    x = sub.add_parser(
+        "export",
+        help="export a model directory to ONNX (fp32; --int8 is refused with its reason) or to the transformers form",
+    )
+    x.add_argument("--model", required=True, help="model directory (any format rmserve reads)")
+    x.add_argument(
+        "--format",
+        default="onnx",
+        choices=["onnx", "hf"],
+        help="onnx (default): MODEL/model.onnx; hf: a new directory that AutoModelForSequenceClassification loads "
+        "and rmserve serves (score.weight without bias; an old head's bias moves into the normalization mean)",
+    )
+    x.add_argument(
+        "--model-format",
+        default="auto",
+        choices=["auto", "rmserve", "hf", "openrlhf"],
+        help="checkpoint format of --model (auto: detected from its files)",
+    )
+    x.add_argument("--out", default=None, help="onnx: output file (default MODEL/model.onnx); hf: output directory")
     x.add_argument("--int8", action="store_true", help="refused: dynamic int8 fails parity (see models/export.py)")
     x.set_defaults(func=cmd_export)
 

@@ -12,13 +12,14 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import (
@@ -34,12 +35,13 @@ from service.errors import (
     validation_error,
 )
 from service.metrics import Metrics
+from service.protocol import OVER_CAP, PROBE_PATHS, PROTOCOL_ERROR
 from service.settings import Settings
 
 log = logging.getLogger("rmserve.edge")
 
 # Routes that answer without a key unless RMSERVE_AUTH_OPEN_ROUTES=true: probes, metrics and the docs.
-PROBES = ("/health", "/ready", "/metrics")  # never refused for being busy: the orchestrator must see the truth
+PROBES = PROBE_PATHS  # never refused for being busy: the orchestrator must see the truth
 OPEN_ROUTES = ("/", "/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 OPEN_PREFIXES = ("/playground", "/static/")
 
@@ -73,7 +75,12 @@ def check_bearer(headers: dict[bytes, bytes], key: str) -> bool:
 
 class EdgeMiddleware:
     """Pure ASGI layer in front of the app: key before body, body limit and deadline, 5xx caught and
-    counted, metrics."""
+    counted, metrics.
+
+    Counting: every request is counted once in `rmserve_requests_total{route, status}` with the status
+    the client received; a request whose client left before its answer (mid-body, or while it was
+    scored) is counted with status 499 (never sent; nginx's "client closed request") and
+    `failures{cause="client_gone"}`. Refusals made before routing carry the route their path matches."""
 
     def __init__(
         self,
@@ -81,8 +88,10 @@ class EdgeMiddleware:
         settings: Settings,
         metrics: Metrics,
         overloaded: Callable[[int], ServiceError | None] | None = None,
+        routes: list[BaseRoute] | None = None,
     ) -> None:
         self.app = app
+        self.routes = routes if routes is not None else []  # for the route label of refusals before routing
         self.settings = settings
         self.metrics = metrics
         self.overloaded = overloaded  # admission's refusal from the headers alone (the engine's)
@@ -96,7 +105,7 @@ class EdgeMiddleware:
         path_key = take_path_key(scope)
         path = scope.get("path", "")
         t0 = time.perf_counter()
-        status = {"code": 500, "started": False}
+        status = {"code": 500, "started": False, "done": False, "gone": False}
         body_error: list[ServiceError] = []  # set when the body passed its limit or its deadline
 
         async def send_wrapper(message: Message) -> None:
@@ -109,12 +118,20 @@ class EdgeMiddleware:
         async def send_raw(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"], status["started"] = message["status"], True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                status["done"] = True
             await send(message)
 
         headers = dict(scope.get("headers") or [])
         counted = path not in PROBES
         try:
             refusal = self._refuse_early(path, headers, path_key)
+            if refusal is None and scope.get(OVER_CAP) and path not in PROBES:
+                refusal = Busy(
+                    f"the server is at its connection limit (RMSERVE_MAX_CONNECTIONS={self.settings.max_connections}) "
+                    "with no idle connection to close; only probes are served on this one; retry shortly",
+                    code="too_many_connections",
+                )
             if refusal is None and self.overloaded is not None and scope.get("method") == "POST":
                 # /get_reward's deadline grows with its batch: the engine decides for it after parsing
                 refusal = None if path == "/get_reward" else self.overloaded(content_length(headers))
@@ -124,7 +141,7 @@ class EdgeMiddleware:
                 elif refusal.status != 429:  # the engine counts its own 429s
                     self.metrics.failures.labels(refusal.code or refusal.type).inc()
                 hdrs = refusal_headers(refusal)
-                if has_body(headers):  # its body stays unread: do not keep the connection for it
+                if has_body(headers) or refusal.code == "too_many_connections":  # do not keep the connection
                     hdrs["Connection"] = "close"
                 await send_error(send_raw, refusal, hdrs)
             elif counted and self.in_flight >= self.settings.max_in_flight:
@@ -138,7 +155,7 @@ class EdgeMiddleware:
             else:
                 self.in_flight += counted
                 try:
-                    await self.app(scope, self._limited(receive, body_error), send_wrapper)
+                    await self.app(scope, self._limited(receive, body_error, status), send_wrapper)
                 finally:
                     self.in_flight -= counted
         except Exception as exc:  # the one place an unexpected error becomes a counted 500
@@ -153,12 +170,25 @@ class EdgeMiddleware:
                     await send_error(send_raw, internal_error(exc))
         finally:
             code = int(status["code"])
-            if body_error:
+            if PROTOCOL_ERROR in scope:  # the connection layer answered (h11 refused the body): its status
+                self.metrics.failures.labels("bad_http").inc()
+                code = scope[PROTOCOL_ERROR] or code
+            elif body_error:
                 self.metrics.failures.labels(body_error[0].code or "body").inc()
-            route = scope.get("route")
-            label = getattr(route, "path", None) or (path if path in OPEN_ROUTES else "other")
+            elif status["gone"] and code != 499:  # no answer reached the client (499: ClientGone, counted)
+                self.metrics.failures.labels("client_gone").inc()
+                code = 499
+            label = self.route_label(scope)
             self.metrics.requests.labels(label, str(code)).inc()
             self.metrics.latency.labels(label).observe(time.perf_counter() - t0)
+
+    def route_label(self, scope: Scope) -> str:
+        """The route's path template (never the raw path: no ids or keys in labels); before routing, the
+        template of the route the path matches; "other" when none does."""
+        route = scope.get("route")
+        if route is None:
+            route = next((r for r in _flatten(self.routes) if r.matches(scope)[0] is not Match.NONE), None)
+        return str(getattr(route, "path", None) or "other")
 
     def _refuse_early(self, path: str, headers: dict[bytes, bytes], path_key: str | None = None) -> ServiceError | None:
         """Refusals decided from the headers alone, before a byte of the body is read."""
@@ -188,9 +218,10 @@ class EdgeMiddleware:
             )
         return None
 
-    def _limited(self, receive: Receive, body_error: list[ServiceError]) -> Receive:
+    def _limited(self, receive: Receive, body_error: list[ServiceError], status: dict[str, Any]) -> Receive:
         """`receive` with the body limit (chunked bodies too) and the body deadline: past either, the
-        error is recorded (the edge answers it: 413 or 408, then closes) and reading stops."""
+        error is recorded (the edge answers it: 413 or 408, then closes) and reading stops. A disconnect
+        before the answer was sent marks the request `status["gone"]`."""
         limit, seen = self.settings.max_body_bytes, 0
         timeout = self.settings.body_timeout_s
         deadline: float | None = None
@@ -199,7 +230,10 @@ class EdgeMiddleware:
         async def limited_receive() -> Message:
             nonlocal seen, deadline, body_done
             if body_done:  # after the body: disconnect polling, no deadline
-                return await receive()
+                msg = await receive()
+                if msg["type"] == "http.disconnect" and not status["done"]:
+                    status["gone"] = True
+                return msg
             loop = asyncio.get_running_loop()
             if deadline is None:
                 deadline = loop.time() + timeout
@@ -225,9 +259,22 @@ class EdgeMiddleware:
                 body_done = not msg.get("more_body", False)
             else:
                 body_done = True
+                if msg["type"] == "http.disconnect" and not status["done"]:
+                    status["gone"] = True  # left mid-body
             return msg
 
         return limited_receive
+
+
+def _flatten(routes: list[BaseRoute]) -> Iterator[Any]:
+    """The app's routes, included routers opened up (FastAPI includes them as branches whose `matches`
+    names no route)."""
+    for r in routes:
+        contexts = getattr(r, "effective_route_contexts", None)
+        if callable(contexts):
+            yield from contexts()
+        else:
+            yield r
 
 
 class _BodyRefused(Exception):
@@ -322,4 +369,6 @@ def install_edge(
         body: dict[str, Any] = {"error": {"message": detail, "type": kind, "param": param, "code": kind}}
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
-    app.add_middleware(EdgeMiddleware, settings=settings, metrics=metrics, overloaded=overloaded)
+    app.add_middleware(
+        EdgeMiddleware, settings=settings, metrics=metrics, overloaded=overloaded, routes=app.router.routes
+    )

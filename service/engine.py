@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from models.batching import PromptSplit
 from models.formatting import Encoded, Formatter, FormattingError, TooLongError
-from service.batcher import Batcher, QueueFull, Reservation
-from service.errors import DeadlineExceeded, InferenceFailed, InvalidRequest, Overloaded, PayloadTooLarge
+from service.batcher import Batcher, QueueFull, Reservation, Ticket
+from service.errors import InferenceFailed, InvalidRequest, Overloaded, PayloadTooLarge
 from service.metrics import Metrics
 from service.schemas import Job
 
@@ -62,8 +63,12 @@ class ScoringEngine:
         limits: Limits,
         metrics: Metrics,
         log_texts: bool = False,
+        normalize_rollouts: bool = False,
     ) -> None:
         self.formatter = formatter
+        # /get_reward answers normalized rewards: an OpenRLHF checkpoint saved with normalize_reward (its
+        # serve_rm applies mean/std in the forward then); /v1 routes stay raw unless normalize=true
+        self.normalize_rollouts = normalize_rollouts
         self.batcher = batcher
         self.model_id = model_id
         self.normalization = normalization
@@ -83,22 +88,34 @@ class ScoringEngine:
         timeout_s: float | None = None,
         slice_size: int | None = None,
     ) -> Scored:
-        """Check every limit, format off the event loop, score through the batcher, all within the
-        request deadline. `count_param` names the list the jobs came from (for count errors).
+        """Check every limit, format off the event loop, score through the batcher. The deadline never
+        ends in a 504: work that will not make it is refused with a counted 429 (at admission, when the
+        batcher's re-check after a slower pass projects it past the deadline, or at the deadline if none of
+        it has started), and work whose forward pass has started is finished and answered, even late.
+        `count_param` names the list the jobs came from (for count errors).
         `max_count` (limit, its setting's name) replaces limits.max_responses, `timeout_s` the deadline;
         with `slice_size`, the jobs go to the batcher in slices, at most two in flight, so other
         requests' work interleaves with a large batch. Admission (429) is decided before formatting."""
         self.check_jobs(jobs, count_param, max_count)
         timeout = timeout_s if timeout_s is not None else self.limits.request_timeout_s
         reservation = self.admit(jobs, timeout, slice_size)
+        ticket = Ticket(deadline=time.perf_counter() + timeout)
+        task = asyncio.ensure_future(self._encode_and_run(jobs, reservation, slice_size, ticket))
         try:
-            return await asyncio.wait_for(self._encode_and_run(jobs, reservation, slice_size), timeout)
-        except asyncio.TimeoutError:
-            self.metrics.failures.labels("timeout").inc()
-            raise DeadlineExceeded(
-                f"the request did not finish within {timeout:g} s (RMSERVE_REQUEST_TIMEOUT_S)"
-            ) from None
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+            if not done and not ticket.started:  # never a 504: work that has not started is refused
+                task.cancel()
+                wait = self.batcher.projected_s(0)
+                raise self._overloaded(
+                    QueueFull(
+                        f"its work had not started within its {timeout:g} s deadline (RMSERVE_REQUEST_TIMEOUT_S)",
+                        retry_after_s=wait,
+                    )
+                )
+            return await task  # late but started: a forward pass has begun, so it is finished and answered
         finally:
+            if not task.done():  # the caller went away (client gone): its queued work is dropped
+                task.cancel()
             reservation.release()
 
     async def score_rollout(self, jobs: Sequence[Job], count_param: str) -> Scored:
@@ -115,15 +132,19 @@ class ScoringEngine:
         )
 
     async def _encode_and_run(
-        self, jobs: Sequence[Job], reservation: Reservation | None, slice_size: int | None = None
+        self,
+        jobs: Sequence[Job],
+        reservation: Reservation | None,
+        slice_size: int | None = None,
+        ticket: Ticket | None = None,
     ) -> Scored:
         if not slice_size or len(jobs) <= slice_size:
-            return await self._encode_and_submit(jobs, reservation)
+            return await self._encode_and_submit(jobs, reservation, ticket)
         in_flight = asyncio.Semaphore(2)
 
         async def one(part: Sequence[Job]) -> Scored:
             async with in_flight:  # the first slice's submit hands the reservation over to the queue
-                return await self._encode_and_submit(part, reservation)
+                return await self._encode_and_submit(part, reservation, ticket)
 
         tasks = [asyncio.ensure_future(one(jobs[i : i + slice_size])) for i in range(0, len(jobs), slice_size)]
         try:
@@ -135,10 +156,12 @@ class ScoringEngine:
             [s for p in parts for s in p.scores], [t for p in parts for t in p.truncated], sum(p.tokens for p in parts)
         )
 
-    async def _encode_and_submit(self, jobs: Sequence[Job], reservation: Reservation | None) -> Scored:
+    async def _encode_and_submit(
+        self, jobs: Sequence[Job], reservation: Reservation | None, ticket: Ticket | None = None
+    ) -> Scored:
         encoded = await asyncio.to_thread(self.encode, jobs)
         self._learn_chars_per_token(jobs, encoded)
-        return await self.run(encoded, reservation)
+        return await self.run(encoded, reservation, ticket)
 
     # -- admission by projected wait, before any formatting work ----------------------------------
     def refuse_before_body(self, body_bytes: int) -> Overloaded | None:
@@ -310,13 +333,15 @@ class ScoringEngine:
             return text, False
         return text[: enc["offset_mapping"][n - 1][1]], True
 
-    async def run(self, encoded: Sequence[Encoded], reservation: Reservation | None = None) -> Scored:
+    async def run(
+        self, encoded: Sequence[Encoded], reservation: Reservation | None = None, ticket: Ticket | None = None
+    ) -> Scored:
         seqs = [PromptSplit(e.ids, e.prompt_len) for e in encoded]  # the canonical forward splits at the prompt
         if self.log_texts:
             log.debug("scoring %d sequences: %s", len(seqs), [self.formatter.tokenizer.decode(s) for s in seqs])
         try:
-            scores = await self.batcher.submit(seqs, reservation)
-        except QueueFull as e:  # the hard cap (RMSERVE_MAX_QUEUED) at submission
+            scores = await self.batcher.submit(seqs, reservation, ticket)
+        except QueueFull as e:  # the hard cap (RMSERVE_MAX_QUEUED) at submission, or refused late by the batcher
             raise self._overloaded(e) from None
         except asyncio.CancelledError:
             raise

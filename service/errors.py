@@ -65,6 +65,17 @@ class Busy(ServiceError):
     status = 503
     type = "busy"
 
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = 1
+
+
+class TooManyPipelined(ServiceError):
+    """More requests pipelined on one connection than RMSERVE_MAX_PIPELINED: 429, the connection closes."""
+
+    status = 429
+    type = "too_many_pipelined"
+
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.retry_after = 1

@@ -6,6 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 POW2 = tuple(float(2**i) for i in range(0, 11))  # 1 .. 1024
 TOKENS = tuple(float(2**i) for i in range(5, 18))  # 32 .. 131072
+CONNECTION_ROUTE = "connection"  # the route label of answers given before a request was parsed
 LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -46,6 +47,20 @@ class Metrics:
         )
         self.truncated = Counter("rmserve_truncated", "Sequences truncated to max_length", registry=r)
         self.model_info = Info("rmserve_model", "The model being served", registry=r)
+        self.evicted = Counter(
+            "rmserve_connections_evicted", "Idle connections closed to make room at the connection cap", registry=r
+        )
+
+    def connection_refusal(self, cause: str, status: int | None) -> None:
+        """What the connection layer (service/protocol.py) refused before any request reached the edge:
+        counted in failures by cause and, when it answered, in requests under route="connection". An
+        idle connection evicted at the cap is not a failure; it has its own counter."""
+        if cause == "evicted_idle":
+            self.evicted.inc()
+            return
+        self.failures.labels(cause).inc()
+        if status is not None:
+            self.requests.labels(CONNECTION_ROUTE, str(status)).inc()
 
     # BatchObserver
     def batch(self, size: int, real_tokens: int, padded_tokens: int, seconds: float) -> None:

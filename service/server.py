@@ -21,9 +21,11 @@ def settings_from_args(args: argparse.Namespace) -> object:
         k: v
         for k, v in {
             "model": args.model,
+            "model_format": getattr(args, "model_format", None),
             "runtime": args.runtime,
             "dtype": args.dtype,
             "forward": getattr(args, "forward", None),
+            "device": getattr(args, "device", None),
             "host": args.host,
             "port": args.port,
             "api_key": args.api_key,
@@ -39,10 +41,15 @@ def settings_from_args(args: argparse.Namespace) -> object:
     return Settings(**overrides)
 
 
+PROBE_RESERVE = 64  # connections accepted past max_connections when none can be evicted: probes only
+
+
 def uvicorn_config(app: Any, settings: Settings, **extra: Any) -> uvicorn.Config:
-    """uvicorn's options for the bounded edge: the connection cap (503 past it), the keep-alive timeout,
-    and the h11 protocol with the header cap and header deadline (service/protocol.py). The body limit
-    and body deadline are the ASGI edge's (service/edge.py)."""
+    """uvicorn's options for the bounded edge: the keep-alive timeout, and the h11 protocol with the
+    connection cap (oldest idle evicted, room kept for probes), the header cap and deadline, and the
+    pipelining bound (service/protocol.py). uvicorn's own `limit_concurrency` is not used: it answers a
+    plain-text 503 to everything, probes included. The body limit and body deadline are the ASGI edge's
+    (service/edge.py)."""
     import uvicorn
 
     from service.protocol import bounded_h11
@@ -51,13 +58,15 @@ def uvicorn_config(app: Any, settings: Settings, **extra: Any) -> uvicorn.Config
     protocol = bounded_h11(
         settings.max_header_bytes,
         settings.header_timeout_s,
-        on_refusal=(lambda cause: metrics.failures.labels(cause).inc()) if metrics is not None else None,
+        metrics.connection_refusal if metrics is not None else None,
+        max_connections=settings.max_connections,
+        probe_reserve=PROBE_RESERVE,
+        max_pipelined=settings.max_pipelined,
     )
     options: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
         "http": protocol,
-        "limit_concurrency": settings.max_connections,
         "timeout_keep_alive": settings.keep_alive_timeout_s,
         # h11's own cap on an incomplete event: a backstop behind the protocol's 431
         "h11_max_incomplete_event_size": 2 * settings.max_header_bytes,
@@ -97,6 +106,22 @@ def _graceful_server_class() -> type:
     return GracefulServer
 
 
+def raise_open_files(needed: int) -> int:
+    """Raise this process's soft limit on open files (RLIMIT_NOFILE) towards `needed`, within the hard
+    limit; returns the soft limit now in force. Every connection is a file: below the connection cap plus
+    the probe reserve, accept() fails (EMFILE) before the cap can answer anything."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return needed
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return needed if soft == resource.RLIM_INFINITY else int(soft)
+
+
 def serve(args: argparse.Namespace) -> int:
     from service.app import create_app
     from service.runtimes import resolve_model_dir
@@ -109,7 +134,7 @@ def serve(args: argparse.Namespace) -> int:
     from models.reward_model import check_model_dir
 
     model_dir = resolve_model_dir(settings)
-    check_model_dir(model_dir)
+    check_model_dir(model_dir, settings.model_format)
     settings.model = str(model_dir)
     if settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning(
@@ -119,6 +144,16 @@ def serve(args: argparse.Namespace) -> int:
         )
     if settings.auth_open_routes and settings.api_key is None:
         log.warning("RMSERVE_AUTH_OPEN_ROUTES=true but no API key is set: every route is open")
+    needed = settings.max_connections + PROBE_RESERVE + 256  # + model files, threads' pipes, the log
+    limit = raise_open_files(needed)
+    if limit < needed:
+        log.warning(
+            "open files are limited to %d (ulimit -n; hard limit reached): RMSERVE_MAX_CONNECTIONS=%d needs "
+            "about %d; lower RMSERVE_MAX_CONNECTIONS or raise the limit",
+            limit,
+            settings.max_connections,
+            needed,
+        )
     app = create_app(settings)
     server = _graceful_server_class()(uvicorn_config(app, settings))
     server.run()

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+log = logging.getLogger("rmserve.settings")
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RMSERVE_", extra="ignore", protected_namespaces=())
 
     model: str | None = Field(None, description="model directory; unset = the assembled default model")
+    model_format: Literal["auto", "rmserve", "hf", "openrlhf"] = Field(
+        "auto",
+        description="checkpoint format of the model directory; auto = detected from its files (models/checkpoints/)",
+    )
     model_id: str | None = Field(None, description="name reported in responses (default: the folder name)")
     runtime: Literal["auto", "torch", "onnx"] = Field(
         "auto",
@@ -32,7 +40,12 @@ class Settings(BaseSettings):
         "(per machine kind and dtype); padded = right-padded batches (a reward moves with its batch-mates by "
         "rounding). Families the canonical forward does not cover run padded",
     )
-    device: str = Field("cpu", description="cpu or cuda")
+    device: str = Field(
+        "cpu",
+        description="cpu, cuda or cuda:N (`rmserve serve --device`); a GPU asked where torch sees none is refused at "
+        "start-up. On CUDA, dtype auto is bf16: its batch invariance is not measured (scripts/gpu_check.sh measures "
+        "its agreement with CPU fp32); ask --dtype float32 for rewards independent of batch-mates",
+    )
     threads: int | None = Field(None, ge=1, description="intra-op threads (default: the cores available)")
     host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 exposes the service and must be explicit")
     port: int = Field(8000, ge=1, le=65535)
@@ -68,7 +81,12 @@ class Settings(BaseSettings):
         "the prompt, before any formatting work",
     )
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="request body size; beyond it 413")
-    request_timeout_s: float = Field(60.0, gt=0, description="per-request deadline; past it 504")
+    request_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="per-request deadline: work that would not start "
+        "within it is refused with 429 (never a 504); work already in a forward pass is answered, even late",
+    )
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 429 at the hard queue cap")
     admit_wait_fraction: float = Field(
         0.7,
@@ -82,8 +100,14 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         1024,
         ge=1,
-        description="open connections at most (uvicorn's limit; idle ones count, and the header timeout closes "
-        "them); past it a plain 503",
+        description="open connections at most; past it the oldest idle one is closed, or (none idle) up to 64 "
+        "more are accepted on which only probes and /metrics are served, other requests a JSON 503",
+    )
+    max_pipelined: int = Field(
+        16,
+        ge=1,
+        description="requests one connection may pipeline (answered back to back from input already sent); "
+        "the next gets 429 and the connection closes",
     )
     max_in_flight: int = Field(
         128,
@@ -120,6 +144,37 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, v: str | None) -> str | None:
         return v or None
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        """cpu, cuda or cuda:N, and a CUDA device that torch can see."""
+        if v == "cpu":
+            return v
+        if not re.fullmatch(r"cuda(:\d+)?", v):
+            raise ValueError(f"device is {v!r}; use cpu, cuda or cuda:N (RMSERVE_DEVICE or rmserve serve --device)")
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device is {v!r} but torch sees no CUDA GPU here (torch {torch.__version__}, built for CUDA "
+                f"{torch.version.cuda or 'none'}); serve with --device cpu or run on a machine with a GPU"
+            )
+        index = int(v.split(":")[1]) if ":" in v else 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device is {v!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+        return v
+
+    @model_validator(mode="after")
+    def _gpu_dtype_label(self) -> Settings:
+        if self.device != "cpu" and self.dtype in ("auto", "bfloat16"):
+            log.warning(
+                "serving on %s in bf16 (dtype %s): batch invariance not measured on a GPU; a reward may move with "
+                "its batch-mates. scripts/gpu_check.sh measures agreement with CPU fp32; --dtype float32 avoids it",
+                self.device,
+                self.dtype,
+            )
+        return self
 
     @model_validator(mode="after")
     def _api_key(self) -> Settings:

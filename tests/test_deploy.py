@@ -39,8 +39,34 @@ def test_kubernetes_manifests_validate() -> None:
         for doc in yaml.safe_load_all(f.read_text()):
             kv.validate(doc, version, strict=True)
             kinds[doc["kind"]] = doc
-    assert set(kinds) == {"Deployment", "Service", "HorizontalPodAutoscaler"}
+    assert set(kinds) == {"Deployment", "Service", "HorizontalPodAutoscaler", "ConfigMap"}
     container = kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
     assert container["resources"]["requests"]["cpu"]
+
+
+def test_autoscaling_on_queue_depth() -> None:
+    """The HPA scales on the Pods metric that prometheus-adapter's rule serves, and that metric is the
+    queue-depth gauge the service really exports."""
+    import re
+
+    docs = {}
+    for f in sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml")):
+        for doc in yaml.safe_load_all(f.read_text()):
+            docs[doc["kind"]] = doc
+    hpa = docs["HorizontalPodAutoscaler"]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    pods = [m["pods"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+    assert len(pods) == 1 and pods[0]["target"]["type"] == "AverageValue"
+    name = pods[0]["metric"]["name"]
+    rules = yaml.safe_load(docs["ConfigMap"]["data"]["config.yaml"])["rules"]
+    rule = next(r for r in rules if r["name"]["as"] == name)
+    assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+    series = re.match(r"(\w+)\{", rule["seriesQuery"])
+    assert series and series.group(1) == name
+    assert "<<.Series>>" in rule["metricsQuery"] and "<<.LabelMatchers>>" in rule["metricsQuery"]
+    from service.metrics import Metrics
+
+    exported = {m.name for m in Metrics().registry.collect()}
+    assert name in exported, sorted(exported)

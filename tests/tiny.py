@@ -24,6 +24,28 @@ CORPUS = [
 ]
 
 
+def make_variant(name: str) -> Any:
+    """Tokenizer variants the checkpoint tests cover:
+
+    - chatml: pad == eos == <|im_end|>, the answer closed by eos plus a newline, a default system turn
+      (Qwen2.5's template);
+    - chatml_pad: the same with pad <|endoftext|> != eos; chatml_nopad: no pad token at all;
+    - eos_alone: a ChatML template whose turns close with eos alone (no newline), pad == eos;
+    - plain / plain_nopad: no chat template (GPT-2 style), pad == eos, or no pad.
+    Llama-3 headers closed by <|eot_id|> are tests/models/test_formatting.py `make_llama3_tokenizer`.
+    """
+    tok = make_tokenizer(chat_template=False) if name.startswith("plain") else make_tokenizer()
+    if name == "chatml_pad":
+        tok.pad_token = "<|endoftext|>"
+    if name.endswith("nopad"):
+        tok.pad_token = None
+    if name == "eos_alone":
+        tok.chat_template = CHATML_TEMPLATE.replace("'<|im_end|>' + '\n'", "'<|im_end|>'").replace(
+            "You are a helpful assistant.<|im_end|>\n", "You are a helpful assistant.<|im_end|>"
+        )
+    return tok
+
+
 def make_tokenizer(chat_template: bool = True, vocab_size: int = 400) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -65,20 +87,53 @@ def save_lm(lm: Any, tokenizer: Any, path: Path) -> Path:
     return path
 
 
-def make_decoder(kind: str, vocab_size: int, seed: int = 0, **extra: Any) -> Any:
-    """A tiny Llama, Qwen2 or Mistral causal LM: hidden 32, 2 layers, 4 heads (2 KV heads)."""
+FAMILY_NAMES = {
+    "llama": "Llama",
+    "qwen2": "Qwen2",
+    "qwen3": "Qwen3",
+    "mistral": "Mistral",
+    "gemma2": "Gemma2",
+    "gpt_neox": "GPTNeoX",
+    "gpt2": "GPT2",
+}
+
+
+def family_config(kind: str, vocab_size: int, **extra: Any) -> Any:
+    """A tiny config of a decoder family: hidden 32, 2 layers, 4 heads (2 KV heads where the family has them)."""
     import transformers
 
-    name = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[kind]
+    name = FAMILY_NAMES[kind]
+    if kind == "gpt2":
+        kw: dict[str, Any] = {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 512}
+    elif kind == "gpt_neox":
+        kw = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+        kw["max_position_embeddings"] = 512
+    else:
+        kw = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+        kw |= {"num_key_value_heads": 2, "max_position_embeddings": 512}
+        if kind in ("qwen3", "gemma2"):
+            kw["head_dim"] = 8
+    return getattr(transformers, f"{name}Config")(vocab_size=vocab_size, **(kw | extra))
+
+
+def make_decoder(kind: str, vocab_size: int, seed: int = 0, **extra: Any) -> Any:
+    """A tiny causal LM of a family in FAMILY_NAMES (llama, qwen2, qwen3, mistral, gemma2, gpt_neox, gpt2)."""
+    import transformers
+
     torch.manual_seed(seed)
-    cfg = getattr(transformers, f"{name}Config")(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        **extra,
-    )
-    return getattr(transformers, f"{name}ForCausalLM")(cfg).eval()
+    cfg = family_config(kind, vocab_size, **extra)
+    cls = "GPT2LMHeadModel" if kind == "gpt2" else f"{FAMILY_NAMES[kind]}ForCausalLM"
+    return getattr(transformers, cls)(cfg).eval()
+
+
+def make_seq_cls(kind: str, vocab_size: int, pad_token_id: int | None, seed: int = 0, num_labels: int = 1) -> Any:
+    """A tiny `<Family>ForSequenceClassification` as TRL's RewardTrainer builds it (num_labels 1, the
+    tokenizer's pad id in the config), every weight random (the head with a larger scale, so rewards differ)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = family_config(kind, vocab_size, num_labels=num_labels, pad_token_id=pad_token_id)
+    model = getattr(transformers, f"{FAMILY_NAMES[kind]}ForSequenceClassification")(cfg).eval()
+    with torch.no_grad():
+        model.score.weight.normal_(0, 1.0)
+    return model

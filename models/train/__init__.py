@@ -6,7 +6,7 @@ One module per concern, in the order a run uses them:
 - `methods`: what trains (full, top-N layers, LoRA) and the optimizer over it
 - `batches`: prompts packed into micro-batches, the epoch order, the learning-rate schedule
 - `scorer`: batch -> rewards (plain, frozen-layer cache, shared prefixes), the loss, dev evaluation
-- `distributed`: one process or several under torchrun
+- `distributed`: one process or several under torchrun (DDP or FSDP2), global sums, memory per rank
 - `checkpoint`: OUT/.checkpoint for `--resume`
 - `loop`: optimizer steps with evaluation and checkpoints along the way
 - `card`: normalization statistics and the model card
@@ -18,7 +18,7 @@ from models.train.batches import Batch, build_batch, lr_lambda, make_batches, mi
 from models.train.card import normalization, write_card
 from models.train.checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
 from models.train.config import TrainConfig, add_train_args, config_from_args
-from models.train.distributed import Distributed, dist_info, resolve_device
+from models.train.distributed import Distributed, dist_info, memory_per_rank, resolve_device
 from models.train.loop import EarlyStopping, Loop, LoopResult
 from models.train.methods import (
     add_head_dropout,
@@ -30,7 +30,7 @@ from models.train.methods import (
     use_frozen_cache,
 )
 from models.train.run import TRAINED_DIR, TrainData, balanced_order, build_batches, load_data, load_model, main, train
-from models.train.scorer import Scorer, batch_loss, evaluate_dev
+from models.train.scorer import LossTerms, Scorer, batch_loss, batch_terms, evaluate_dev
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -41,6 +41,7 @@ __all__ = [
     "EncodedExample",
     "Loop",
     "LoopResult",
+    "LossTerms",
     "Scorer",
     "TrainConfig",
     "TrainData",
@@ -49,6 +50,7 @@ __all__ = [
     "apply_method",
     "balanced_order",
     "batch_loss",
+    "batch_terms",
     "build_batch",
     "build_batches",
     "build_optimizer",
@@ -62,6 +64,7 @@ __all__ = [
     "lr_lambda",
     "main",
     "make_batches",
+    "memory_per_rank",
     "merge_method",
     "micro_batch_stream",
     "normalization",

@@ -76,6 +76,8 @@ def load_checkpoint(
     if not (ck / "state.json").is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {ck}")
     state = json.loads((ck / "state.json").read_text())
+    if state.get("sharded"):
+        raise ValueError(f"--resume: {ck} holds FSDP shards; resume it with --sharding fsdp on as many ranks")
     load_trainable_state(model, load_file(str(ck / "trainable.safetensors")), "--resume: checkpoint")
     blob = torch.load(ck / "optimizer.pt", weights_only=True, map_location="cpu")
     opt.load_state_dict(blob["optimizer"])
@@ -98,3 +100,70 @@ def remove_checkpoint(out: Path) -> None:
     ck = out / CHECKPOINT_DIR
     if ck.exists():
         shutil.rmtree(ck)
+
+
+SHARDED_DIR = "sharded"  # inside the checkpoint folder: torch.distributed.checkpoint's files, one per rank
+
+
+def save_sharded_checkpoint(
+    out: Path,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    step: int,
+    history: list[dict[str, Any]],
+    cfg: TrainConfig,
+    dist: Any,
+) -> None:
+    """Under FSDP, on every rank: the trainable parameters' and the optimizer's shards written with
+    torch.distributed.checkpoint (each rank writes its own), the scheduler, step and history by rank
+    0; the folder replaces the old checkpoint once every rank has written (atomic, like
+    `save_checkpoint`). `dist`: the run's `Distributed`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    ck = out / CHECKPOINT_DIR
+    tmp = out / (CHECKPOINT_DIR + ".tmp")
+    if dist.is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / SHARDED_DIR))
+    if dist.is_main:
+        torch.save({"scheduler": sched.state_dict()}, tmp / "scheduler.pt")
+        save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        state = {"step": step, "history": history, "config": asdict(cfg), "extra": None, "sharded": True}
+        (tmp / "state.json").write_text(json.dumps(state))
+    dist.barrier()
+    if dist.is_main:
+        if ck.exists():
+            shutil.rmtree(ck)
+        os.replace(tmp, ck)
+    dist.barrier()
+
+
+def load_sharded_checkpoint(
+    out: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any
+) -> tuple[int, list[dict[str, Any]]]:
+    """Restore what `save_sharded_checkpoint` wrote, on every rank of the same world size; returns
+    (step, history)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    ck = out / CHECKPOINT_DIR
+    if not (ck / "state.json").is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ck}")
+    state = json.loads((ck / "state.json").read_text())
+    if not state.get("sharded"):
+        raise ValueError(f"--resume: {ck} was written without --sharding fsdp; resume it the way it was run")
+    model_sd, optim_sd = get_state_dict(model, opt, options=StateDictOptions(ignore_frozen_params=True))
+    # every key of these dicts is read from the checkpoint (dcp.load fails on one it lacks); the frozen
+    # parameters are not in them, hence strict=False when they go back into the model
+    dcp.load({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(ck / SHARDED_DIR))  # in place
+    opts = StateDictOptions(ignore_frozen_params=True, strict=False)
+    set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd, options=opts)
+    sched.load_state_dict(torch.load(ck / "scheduler.pt", weights_only=True)["scheduler"])
+    torch.set_rng_state(load_file(str(ck / "rng.safetensors"))["cpu"])
+    return int(state["step"]), list(state["history"])

@@ -17,6 +17,7 @@ class TrainConfig:
     out: str = ""  # model directory to write
     format: str | None = None  # data format; None = detect per file
     init_model: str | None = None  # start from this reward model directory instead of a fresh head
+    model_format: str = "auto"  # checkpoint format of --init-model (auto: detected from its files)
     method: str = "top-n"  # full | top-n | lora
     top_n: int = 4  # with top-n: how many of the last transformer layers train (plus final norm and head)
     lora_rank: int = 16  # with lora: adapter rank
@@ -51,6 +52,8 @@ class TrainConfig:
     cache_dir: str = ""  # where frozen-layer states persist between runs ("" = RMSERVE_HOME/frozen-cache; none)
     cache_dtype: str = "auto"  # frozen-layer states' storage: float32 | bfloat16 | auto (the training dtype)
     prefix_sharing: str = "off"  # run each prompt once for all its responses, gradients through it (on | off)
+    sharding: str = "ddp"  # under torchrun: ddp (full copy per rank) | fsdp (FSDP2: params, grads, Adam sharded)
+    gradient_checkpointing: bool = False  # recompute decoder layers' activations in backward (long sequences)
     halt_after: int = 0  # testing aid: stop abruptly after N steps, like a kill (no final model)
     trained_dtype: str = "bfloat16"  # lora / top-n: dtype of OUT/trained/, the tensors training changed
 
@@ -58,7 +61,13 @@ class TrainConfig:
 def add_train_args(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     p.add_argument("--backbone", required=False, default=None, help="SFT model: HF folder or .gguf file")
-    p.add_argument("--init-model", default=None, help="start from this reward model directory")
+    p.add_argument("--init-model", default=None, help="start from this reward model directory (any format)")
+    p.add_argument(
+        "--model-format",
+        default=d.model_format,
+        choices=["auto", "rmserve", "hf", "openrlhf"],
+        help="checkpoint format of --init-model (auto: detected from its files)",
+    )
     p.add_argument("--data", nargs="+", required=True, help="comparison files (JSONL, .jsonl.gz)")
     p.add_argument("--out", required=True, help="model directory to write")
     p.add_argument("--format", choices=FORMATS, default=None, help="data format (default: detected per file)")
@@ -141,6 +150,18 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         default=d.trained_dtype,
         help="lora / top-n: dtype of OUT/trained/ (only the tensors training changed, for shipping)",
     )
+    p.add_argument(
+        "--sharding",
+        choices=["ddp", "fsdp"],
+        default=d.sharding,
+        help="under torchrun: ddp keeps a full copy per rank; fsdp (PyTorch FSDP2) shards parameters, gradients "
+        "and optimizer state over the ranks (each decoder layer and the root), for models that do not fit one device",
+    )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute decoder layers' activations in the backward pass: less memory, about 30%% more compute",
+    )
     p.add_argument("--halt-after", type=int, default=0, help=argparse.SUPPRESS)
 
 
@@ -167,5 +188,12 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--label-smoothing applies to --loss pairwise; --loss is {cfg.loss}")
     if cfg.early_stopping_patience < 0:
         raise ValueError(f"--early-stopping-patience is {cfg.early_stopping_patience}; it must be >= 0")
+    if cfg.grad_accum < 1:
+        raise ValueError(f"--grad-accum is {cfg.grad_accum}; it must be >= 1")
+    if cfg.gradient_checkpointing and cfg.prefix_sharing == "on":
+        raise ValueError(
+            "--gradient-checkpointing and --prefix-sharing on do not combine: the shared-prefix pass keeps a KV "
+            "cache, which transformers turns off under gradient checkpointing; drop one of them"
+        )
     if cfg.early_stopping_patience and not cfg.eval_every:
         raise ValueError("--early-stopping-patience needs dev evaluations during training: give --eval-every N")

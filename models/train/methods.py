@@ -52,8 +52,10 @@ def apply_method(model: RewardModel, cfg: TrainConfig) -> None:
     else:
         raise ValueError(f"--method {cfg.method!r} is unknown; use full, top-n or lora")
     model.head.requires_grad_(True)
-    # Pairwise and listwise losses see only reward differences: the bias gets no gradient from them.
-    model.head.bias.requires_grad_(cfg.center_coef > 0)
+    # New heads are bias-free (centering then acts on the weights, as in TRL). A head loaded from an older
+    # model keeps its bias: pairwise and listwise losses give it no gradient, only centering does.
+    if getattr(model.head, "bias", None) is not None:
+        model.head.bias.requires_grad_(cfg.center_coef > 0)
 
 
 def use_frozen_cache(cfg: TrainConfig, model: RewardModel, world: int) -> bool:

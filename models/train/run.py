@@ -22,9 +22,15 @@ from models.train.batches import make_batches
 from models.train.card import normalization, write_card
 from models.train.checkpoint import remove_checkpoint
 from models.train.config import TrainConfig, check_config, config_from_args
-from models.train.distributed import Distributed
+from models.train.distributed import Distributed, dist_info
 from models.train.loop import Loop, LoopResult
-from models.train.methods import add_head_dropout, apply_method, merge_method, use_frozen_cache
+from models.train.methods import (
+    add_head_dropout,
+    apply_method,
+    merge_method,
+    transformer_layers,
+    use_frozen_cache,
+)
 from models.train.scorer import Scorer, evaluate_dev
 from models.trained import save_trained, trained_tensors
 
@@ -47,7 +53,7 @@ class TrainData:
 def load_model(cfg: TrainConfig) -> tuple[RewardModel, Any]:
     """(model in float32, tokenizer): a fresh head on the backbone, or --init-model's reward model."""
     if cfg.init_model:
-        model, tok = RewardModel.load(cfg.init_model, dtype="float32")
+        model, tok = RewardModel.load(cfg.init_model, dtype="float32", format=cfg.model_format)
     else:
         model, tok = RewardModel.from_backbone(cfg.backbone, dtype="float32", max_length=cfg.max_length, seed=cfg.seed)
     model.config.max_length = cfg.max_length
@@ -94,15 +100,42 @@ def build_batches(cfg: TrainConfig, groups: Sequence[EncodedExample]) -> list[li
     return [[order[k] for k in b] for b in make_batches([groups[i] for i in order], cfg.batch_tokens)]
 
 
+def check_distributed(cfg: TrainConfig, world: int) -> None:
+    """Refuse what does not combine with several processes (`world`, torchrun's) or with --sharding
+    fsdp, saying why and what to use. Runs before any process group is joined."""
+    fsdp = cfg.sharding == "fsdp"
+    if world == 1 and not fsdp:
+        return
+    how = "--sharding fsdp" if fsdp else f"DDP on {world} processes"
+    if cfg.early_stopping_patience:
+        raise ValueError(
+            f"--early-stopping-patience does not combine with {how}: it keeps the best weights as whole tensors "
+            "on one process, and under DDP only rank 0 evaluates; run it on one process"
+        )
+    if cfg.prefix_sharing == "on":
+        raise ValueError(
+            f"--prefix-sharing on does not combine with {how}: the shared-prefix pass runs the layers outside "
+            "the DDP/FSDP wrapper, so its gradients would not be reduced over ranks; use --prefix-sharing off"
+        )
+    if cfg.cache_frozen == "on":
+        raise ValueError(
+            f"--cache-frozen on does not combine with {how}: the cached path runs the top layers outside the "
+            "DDP/FSDP wrapper, so its gradients would not be reduced over ranks; use --cache-frozen off (or auto)"
+        )
+
+
 def make_scorer(cfg: TrainConfig, model: RewardModel, pad_id: int, dist: Distributed, data: TrainData) -> Scorer:
-    """The scorer for this run: through DDP with several processes, with shared prompt prefixes when
-    asked, and with the frozen bottom layers computed once (or read from --cache-dir) when the method
-    allows it."""
+    """The scorer for this run: through DDP or FSDP with a process group, with shared prompt prefixes
+    when asked, and with the frozen bottom layers computed once (or read from --cache-dir) when the
+    method allows it. Under FSDP with bf16 the sharding casts the parameters (MixedPrecisionPolicy),
+    not autocast."""
     amp_name = auto_dtype(dist.device) if cfg.dtype == "auto" else cfg.dtype
     amp = torch.bfloat16 if amp_name == "bfloat16" else None
-    scorer = Scorer(dist.wrap(model), model, pad_id, dist.device, amp)
-    scorer.prefix_sharing = cfg.prefix_sharing == "on" and dist.world == 1
-    if use_frozen_cache(cfg, model, dist.world):
+    fwd = dist.wrap(model, transformer_layers(model.body), model.head, mixed_bf16=amp is not None)
+    scorer = Scorer(fwd, model, pad_id, dist.device, None if dist.fsdp else amp)
+    scorer.one_pass = dist.collective
+    scorer.prefix_sharing = cfg.prefix_sharing == "on"
+    if use_frozen_cache(cfg, model, dist.world if not dist.fsdp else 0):
         from models.frozen_cache import frozen_fingerprint
 
         t_cache = time.time()
@@ -135,11 +168,32 @@ def make_scorer(cfg: TrainConfig, model: RewardModel, pad_id: int, dist: Distrib
     return scorer
 
 
+def gather_full_model(cfg: TrainConfig, sharded: RewardModel, dist: Distributed) -> RewardModel | None:
+    """Under FSDP, on every rank: the full state dict gathered on rank 0 (in CPU memory), loaded there
+    into a plain model of the same method; None on the other ranks."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not dist.is_main:
+        return None
+    plain, _tok = load_model(cfg)
+    apply_method(plain, cfg)
+    plain.load_state_dict(sd, strict=True)
+    plain.config = sharded.config
+    return plain.to(dist.device)
+
+
 def train(cfg: TrainConfig) -> Path:
     check_config(cfg)
-    dist = Distributed.start(cfg.device)
-    if cfg.early_stopping_patience and dist.world > 1:
-        raise ValueError("--early-stopping-patience works on one process (only rank 0 evaluates); run without torchrun")
+    check_distributed(cfg, dist_info()[1])
+    dist = Distributed.start(cfg.device, cfg.sharding)
+    try:
+        return _train(cfg, dist)
+    finally:
+        dist.close()  # also after an error, so no process group outlives the run
+
+
+def _train(cfg: TrainConfig, dist: Distributed) -> Path:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     out = Path(cfg.out)
@@ -156,34 +210,54 @@ def train(cfg: TrainConfig) -> Path:
             len(data.dev),
         )
     apply_method(model, cfg)
+    if cfg.gradient_checkpointing:
+        model.body.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(dist.device)
     model.train()
     head_dropout = add_head_dropout(model, cfg.head_dropout)
-    batches = dist.shard(build_batches(cfg, data.train))
+    # The trainable tensors as they start (rank 0, before sharding), to count what training changed.
+    before = (
+        {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+        if dist.is_main
+        else {}
+    )
+    batches = build_batches(cfg, data.train)  # ONE sequence for every world size; the loop splits each step
     scorer = make_scorer(cfg, model, tok.pad_token_id, dist, data)
-    loop = Loop(cfg, model, scorer, (data.train, data.dev), batches, dist.is_main)
+    loop = Loop(cfg, model, scorer, (data.train, data.dev), batches, dist)
     if cfg.resume:
         loop.resume(out)
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     result = loop.run(out)
     seconds = round(time.time() - t_start, 1)
-    if result.halted or not dist.end_training():
+    if result.halted:
+        return out
+    memory = loop.memory_all_ranks()
+    trainable_parameters = sum(p.numel() for p in loop.trainable)
+    if dist.fsdp:
+        full = gather_full_model(cfg, model, dist)
+    if not dist.end_training():
         return out
     if head_dropout is not None:
         head_dropout.remove()
-    scorer.fwd = model  # no DDP collectives from here on: only rank 0 evaluates and saves
-    changed = sum(int(not torch.equal(before[n], p.detach())) for n, p in model.named_parameters() if n in before)
+    if dist.fsdp:
+        assert full is not None
+        model = full
+        scorer = Scorer(model, model, tok.pad_token_id, dist.device, scorer.amp)
+    scorer.fwd = model  # no collectives from here on: only rank 0 evaluates and saves
+    scorer.one_pass = False
+    changed = sum(int(not torch.equal(before[n], p.detach().cpu())) for n, p in model.named_parameters() if n in before)
     record: dict[str, Any] = {
-        "trainable_parameters": sum(p.numel() for p in loop.trainable),
+        "trainable_parameters": trainable_parameters,
         "trainable_tensors_changed": changed,
         "trainable_tensors": len(before),
         "seconds": seconds,
+        "world_size": dist.world,
+        "sharding": cfg.sharding if dist.collective else "none",
+        "memory_per_rank": memory,
     }
     if result.early_stopping is not None:
         record["early_stopping"] = result.early_stopping
     finish(cfg, model, tok, scorer, data, result, record)
-    dist.close()
     remove_checkpoint(out)
     return out
 

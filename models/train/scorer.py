@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,7 @@ class Scorer:
         # id(groups list) -> (states by flat response index, first flat index of each group)
         self.cache: dict[int, tuple[Features, list[int]]] = {}
         self.n_top = 0
+        self.one_pass = False  # one forward per backward (DDP's reducer, FSDP's hooks expect it)
         self.prefix_sharing = False  # run each prompt once for all its responses (KV cache, gradients flow)
         self.shared_sequences = 0  # how many sequences took the shared-prefix path
 
@@ -96,11 +98,11 @@ class Scorer:
 
     def _plain(self, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
         """(N,) rewards through the whole model. On one process the sequences run in length-sorted
-        chunks whose padding stays within 1.3x of their real tokens; under DDP in one pass (its
-        reducer expects one forward per backward)."""
+        chunks whose padding stays within 1.3x of their real tokens; under DDP or FSDP in one pass
+        (`one_pass`: their hooks expect one forward per backward)."""
         from models.prefix import length_chunks
 
-        chunks = length_chunks([len(s) for s in seqs]) if self.fwd is self.model else [list(range(len(seqs)))]
+        chunks = [list(range(len(seqs)))] if self.one_pass else length_chunks([len(s) for s in seqs])
         pieces, order = [], []
         for chunk in chunks:
             ids, mask = collate([seqs[i] for i in chunk], self.pad_id, "right", self.device)
@@ -127,18 +129,50 @@ class Scorer:
 
 def batch_loss(rewards: torch.Tensor, batch: Batch, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, pair accuracy) of one micro-batch's (N,) rewards under `cfg.loss` (+ the centering term)."""
+    terms = batch_terms(rewards, batch, cfg)
+    loss = terms.main / terms.prompts
+    if terms.center is not None:
+        loss = loss + terms.center / terms.responses
+    return loss, torch.tensor(terms.correct / max(1, terms.pairs))
+
+
+@dataclass
+class LossTerms:
+    """One micro-batch's loss as sums, so that a step can average them over all its micro-batches on
+    every rank: `main` sums the per-prompt loss (pairwise: the mean over the prompt's pairs, as in
+    InstructGPT; listwise: the prompt's Plackett-Luce NLL) over `prompts`; `center` sums coef * r^2
+    over `responses` (None without --center-coef); `correct` counts the pairs ranked right (ties 0.5)
+    among `pairs`."""
+
+    main: torch.Tensor  # scalar, with gradient
+    center: torch.Tensor | None  # scalar, with gradient
+    correct: float
+    prompts: int
+    responses: int
+    pairs: int
+
+
+def batch_terms(rewards: torch.Tensor, batch: Batch, cfg: TrainConfig) -> LossTerms:
+    """The loss terms of one micro-batch's (N,) rewards under `cfg.loss` (+ the centering term)."""
     dev = rewards.device
     better, worse = batch.tensor("better", dev), batch.tensor("worse", dev)
-    if cfg.loss == "pairwise":
+    prompts = max(batch.resp_group) + 1
+    if not batch.better:  # no pairs (single responses): nothing to learn, but the graph stays whole
+        main = rewards.sum() * 0.0
+        acc = torch.zeros(())
+    elif cfg.loss == "pairwise":
         margin = batch.tensor("margin", dev, torch.float32)
         group = batch.tensor("pair_group", dev)
-        loss, acc = pairwise_loss(rewards, better, worse, group, margin, label_smoothing=cfg.label_smoothing)
+        mean, acc = pairwise_loss(rewards, better, worse, group, margin, label_smoothing=cfg.label_smoothing)
+        # pairwise_loss averages over max(pair_group) + 1 prompts; a trailing prompt without pairs
+        # (a single response) would not be counted there, so undo its mean over its own count.
+        main = mean * (int(max(batch.pair_group)) + 1)
     else:
-        loss = listwise_loss(rewards, batch.tensor("ranks", dev), batch.tensor("resp_group", dev))
+        main = listwise_loss(rewards, batch.tensor("ranks", dev), batch.tensor("resp_group", dev)) * prompts
         acc = pair_accuracy(rewards, better, worse)
-    if cfg.center_coef:
-        loss = loss + centering_loss(rewards, cfg.center_coef)
-    return loss, acc
+    center = centering_loss(rewards, cfg.center_coef) * len(rewards) if cfg.center_coef else None
+    pairs = len(batch.better)
+    return LossTerms(main, center, float(acc.item()) * pairs, prompts, len(rewards), pairs)
 
 
 def evaluate_dev(

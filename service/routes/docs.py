@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import FileResponse, JSONResponse
 
 from service.errors import ServiceError
 
@@ -55,14 +57,38 @@ def local_assets() -> bool:
     return True
 
 
-@router.get("/docs")
-async def swagger_ui(request: Request) -> HTMLResponse:
+OPENAPI_URL = "/openapi.json"
+
+
+async def cached(request: Request, name: str, render: Callable[[FastAPI], Response]) -> Response:
+    """The static document `name`, rendered once per app (on a worker thread: the OpenAPI schema takes
+    a while, and the event loop must keep answering probes) and served from memory afterwards: a flood of
+    requests for it (pipelined, say) costs a copy of bytes each, never a render."""
     app = request.app
+    store: dict[str, tuple[bytes, str]] | None = getattr(app.state, "rm_docs", None)
+    if store is None:
+        store = app.state.rm_docs = {}
+        app.state.rm_docs_lock = asyncio.Lock()
+    if name not in store:
+        async with app.state.rm_docs_lock:
+            if name not in store:
+                rendered = await asyncio.to_thread(render, app)
+                store[name] = (bytes(rendered.body), rendered.media_type or "text/html")
+    body, media_type = store[name]
+    return Response(body, media_type=media_type)
+
+
+def _openapi(app: FastAPI) -> Response:
+    return JSONResponse(app.openapi())
+
+
+def _swagger(app: FastAPI) -> Response:
+    title = f"{app.title} - Swagger UI"
     if not local_assets():
-        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} - Swagger UI")
+        return get_swagger_ui_html(openapi_url=OPENAPI_URL, title=title)
     return get_swagger_ui_html(
-        openapi_url=app.openapi_url,
-        title=f"{app.title} - Swagger UI",
+        openapi_url=OPENAPI_URL,
+        title=title,
         oauth2_redirect_url="/docs/oauth2-redirect",
         swagger_js_url=f"{PREFIX}/swagger-ui-bundle.js",
         swagger_css_url=f"{PREFIX}/swagger-ui.css",
@@ -70,20 +96,53 @@ async def swagger_ui(request: Request) -> HTMLResponse:
     )
 
 
-@router.get("/docs/oauth2-redirect")
-async def swagger_ui_redirect() -> HTMLResponse:
-    return get_swagger_ui_oauth2_redirect_html()
-
-
-@router.get("/redoc")
-async def redoc(request: Request) -> HTMLResponse:
-    app = request.app
+def _redoc(app: FastAPI) -> Response:
+    title = f"{app.title} - ReDoc"
     if not local_assets():
-        return get_redoc_html(openapi_url=app.openapi_url, title=f"{app.title} - ReDoc")
+        return get_redoc_html(openapi_url=OPENAPI_URL, title=title)
     return get_redoc_html(
-        openapi_url=app.openapi_url,
-        title=f"{app.title} - ReDoc",
+        openapi_url=OPENAPI_URL,
+        title=title,
         redoc_js_url=f"{PREFIX}/redoc.standalone.js",
         redoc_favicon_url=f"{PREFIX}/favicon.png",
         with_google_fonts=False,
     )
+
+
+DOCUMENTS: dict[str, Callable[[FastAPI], Response]] = {
+    "openapi": _openapi,
+    "docs": _swagger,
+    "redoc": _redoc,
+}
+
+
+async def prerender(app: FastAPI) -> None:
+    """Render the static documents at start-up (on a worker thread, while the model loads), so that no
+    request, nor a flood of them, waits for a render."""
+    store: dict[str, tuple[bytes, str]] = {}
+    for name, render in DOCUMENTS.items():
+        rendered = await asyncio.to_thread(render, app)
+        store[name] = (bytes(rendered.body), rendered.media_type or "text/html")
+    app.state.rm_docs_lock = asyncio.Lock()
+    app.state.rm_docs = store | (getattr(app.state, "rm_docs", None) or {})
+
+
+@router.get(OPENAPI_URL)
+async def openapi(request: Request) -> Response:
+    """The OpenAPI schema (FastAPI's own route is off: it re-serializes the schema on every request)."""
+    return await cached(request, "openapi", DOCUMENTS["openapi"])
+
+
+@router.get("/docs")
+async def swagger_ui(request: Request) -> Response:
+    return await cached(request, "docs", _swagger)
+
+
+@router.get("/docs/oauth2-redirect")
+async def swagger_ui_redirect(request: Request) -> Response:
+    return await cached(request, "oauth2-redirect", lambda app: get_swagger_ui_oauth2_redirect_html())
+
+
+@router.get("/redoc")
+async def redoc(request: Request) -> Response:
+    return await cached(request, "redoc", _redoc)

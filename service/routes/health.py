@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from fastapi import APIRouter, Response
@@ -66,4 +67,10 @@ PLAYGROUND = Path(__file__).resolve().parents[1] / "static" / "playground.html"
 @router.get("/playground", response_class=HTMLResponse, include_in_schema=False)
 async def playground() -> HTMLResponse:
     """A small page to paste a prompt and answers and see them ranked (calls /v1/rank)."""
-    return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"))
+    return HTMLResponse(_playground_html())
+
+
+@functools.cache
+def _playground_html() -> str:
+    """The playground page, read once (a static document: never re-read per request)."""
+    return PLAYGROUND.read_text(encoding="utf-8")

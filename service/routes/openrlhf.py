@@ -17,6 +17,7 @@ async def get_reward(req: RewardRequest, engine: EngineDep, request: Request) ->
         return RewardResponse(rewards=[], scores=[], truncated=[], extra_logs={})
     scored = await until_disconnected(request, engine.score_rollout(*req.jobs()))
     cut = scored.truncated
+    scores = engine.normalize(scored.scores, engine.normalize_rollouts)
     return RewardResponse(
-        rewards=scored.scores, scores=scored.scores, truncated=cut, extra_logs={"truncated": [float(t) for t in cut]}
+        rewards=scores, scores=scores, truncated=cut, extra_logs={"truncated": [float(t) for t in cut]}
     )

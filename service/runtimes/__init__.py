@@ -224,7 +224,11 @@ def _load(settings: Settings, model_dir: Path, runtime: str, dtype: str) -> tupl
     from service.runtimes.torch_runtime import TorchRuntime
 
     model, tokenizer = RewardModel.load(
-        model_dir, dtype=dtype, device=settings.device, trust_remote_code=settings.trust_remote_code
+        model_dir,
+        dtype=dtype,
+        device=settings.device,
+        trust_remote_code=settings.trust_remote_code,
+        format=settings.model_format,
     )
     runtime_ = TorchRuntime(
         model,
@@ -252,7 +256,7 @@ def load_runtime(settings: Settings, model_dir: Path) -> tuple[Runtime, Any, Any
     """
     import torch
 
-    from models.reward_model import read_config
+    from models.checkpoints import reward_config
     from service.runtimes.torch_runtime import TorchRuntime
 
     threads = settings.threads or cores()
@@ -263,7 +267,7 @@ def load_runtime(settings: Settings, model_dir: Path) -> tuple[Runtime, Any, Any
         cfg = runtime.model.config
         params = sum(p.numel() for p in runtime.model.parameters())
     else:
-        cfg = read_config(model_dir)
+        cfg = reward_config(model_dir, settings.model_format)
         params = int(cfg.backbone_info.get("params_after_trim", 0)) + cfg.hidden_size + 1
     card = {
         "id": settings.model_id or model_dir.name,

@@ -84,6 +84,22 @@ def test_assembled_model_carries_card_and_normalization(default_model: tuple[Pat
     assert (out / "rmserve-default.json").stat().st_mtime_ns == marker
 
 
+def test_default_model_loads_in_transformers(default_model: tuple[Path, RewardModel, Any]) -> None:
+    """The assembled default model is a transformers checkpoint: AutoModelForSequenceClassification
+    reloads it unchanged and, on rmserve's ids, gives the rewards rmserve computes (1e-4)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    out, model, tok = default_model
+    f = model.formatter(tok)
+    seqs = [f.encode(p, r).ids for p, better, worse in CASES[:3] for r in (better, worse)]
+    ours = score_sequences(model, seqs, tok.pad_token_id)
+    ref = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = [float(ref(input_ids=torch.tensor([s])).logits[0, 0]) for s in seqs]
+    assert ours == pytest.approx(theirs, abs=1e-4)
+
+
 def test_default_dtype_is_batch_invariant(default_model: tuple[Path, RewardModel, Any]) -> None:
     """The service's default settings on the real default model: each item scored alone, in one mixed
     request (shared prompts and different lengths) and in concurrent requests gets the same reward

@@ -86,12 +86,11 @@ def test_bf16_body_keeps_fp32_head(rm_dir: Path) -> None:
 @pytest.mark.parametrize(
     ("damage", "match"),
     [
-        ("rm head.safetensors", "missing head.safetensors"),
-        ("rm rmserve.json", "rmserve.json is missing"),
-        ("rm model.safetensors", "missing model.safetensors"),
-        ("corrupt head.safetensors", "head.safetensors is corrupt"),
+        ("rm config.json", "is missing config.json"),
+        ("rm model.safetensors", "has no model.safetensors"),
         ("corrupt rmserve.json", "rmserve.json is not valid JSON"),
-        ("corrupt model.safetensors", "model.safetensors cannot be loaded"),
+        ("corrupt model.safetensors", "model.safetensors is corrupt"),
+        ("corrupt config.json", "config.json is not valid JSON"),
     ],
 )
 def test_damaged_model_dir_names_the_file(tmp_path: Path, rm_dir: Path, damage: str, match: str) -> None:

@@ -190,8 +190,8 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path: Path, llama_dir: Path, 
     _train(llama_dir, syn, part, *common, "--halt-after", "5")  # dies after step 5; last checkpoint: step 4
     assert (part / ".checkpoint" / "state.json").is_file() and not (part / "rmserve.json").exists()
     _train(llama_dir, syn, part, *common, "--resume")
-    a, b = load_file(str(full / "head.safetensors")), load_file(str(part / "head.safetensors"))
-    assert torch.allclose(a["weight"], b["weight"], atol=1e-5)
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
+    assert torch.allclose(a["score.weight"], b["score.weight"], atol=1e-5)
     ma, mb = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
     assert all(torch.allclose(ma[k], mb[k], atol=1e-5) for k in ma)
     assert not (part / ".checkpoint").exists()
@@ -231,8 +231,8 @@ def test_training_with_and_without_the_cache_agree(tmp_path: Path, llama_dir: Pa
     common = ["--method", "top-n", "--top-n", "1", "--max-steps", "5", "--lr", "1e-3"]
     on = _train(llama_dir, syn, tmp_path / "on", *common, "--cache-frozen", "on")
     off = _train(llama_dir, syn, tmp_path / "off", *common, "--cache-frozen", "off")
-    a, b = load_file(str(on / "head.safetensors")), load_file(str(off / "head.safetensors"))
-    assert torch.allclose(a["weight"], b["weight"], atol=1e-4)
+    a, b = load_file(str(on / "model.safetensors")), load_file(str(off / "model.safetensors"))
+    assert torch.allclose(a["score.weight"], b["score.weight"], atol=1e-4)
     da = json.loads((on / "metrics.json").read_text())["dev"]
     db = json.loads((off / "metrics.json").read_text())["dev"]
     assert da["accuracy"] == db["accuracy"]

@@ -19,16 +19,16 @@ from tests.service.conftest import free_port
 def test_serve_refuses_a_broken_model_dir(tmp_path: Path, rm_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     d = tmp_path / "broken"
     shutil.copytree(rm_dir, d)
-    (d / "head.safetensors").write_bytes(b"garbage")
+    (d / "model.safetensors").write_bytes(b"garbage")
     port = free_port()
     assert cli(["serve", "--model", str(d), "--port", str(port)]) == 2
     err = capsys.readouterr().err
-    assert "head.safetensors is corrupt" in err
+    assert "model.safetensors is corrupt" in err
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
-    (d / "head.safetensors").unlink()
+    (d / "model.safetensors").unlink()
     assert cli(["serve", "--model", str(d), "--port", str(port)]) == 2
-    assert "missing head.safetensors" in capsys.readouterr().err
+    assert "has no model.safetensors" in capsys.readouterr().err
 
 
 def test_sigterm_finishes_in_flight_work_and_exits_0(rm_dir: Path) -> None:

@@ -157,17 +157,22 @@ def test_chunked_body_past_the_limit_is_413(edge_url: str) -> None:
     s.close()
 
 
-def test_connection_cap_answers_503_not_a_hang(rm_dir: Path) -> None:
+def test_connection_cap_evicts_the_oldest_idle_connection(rm_dir: Path) -> None:
+    """At RMSERVE_MAX_CONNECTIONS idle connections, a new one is still served: the oldest idle one is
+    closed to make room (uvicorn's limit_concurrency answered a plain-text 503 to everything here)."""
     with live_server(Settings(model=str(rm_dir), max_connections=4, header_timeout_s=30)) as url:
         idle = [connect(url) for _ in range(4)]  # hold every slot without a request
         time.sleep(0.2)
         t = time.perf_counter()
         r = httpx.get(url + "/health", timeout=5)
-        assert r.status_code == 503 and time.perf_counter() - t < 1.0
+        assert r.status_code == 200 and time.perf_counter() - t < 1.0
+        assert idle[0].recv(1) == b""  # the oldest idle connection was closed, without a word
+        r = httpx.post(url + "/v1/score", json={"prompt": "q", "responses": ["a"]}, timeout=5)
+        assert r.status_code == 200
+        m = httpx.get(url + "/metrics", timeout=5).text
+        assert "rmserve_connections_evicted_total 1.0" in m, [x for x in m.splitlines() if "evicted" in x]
         for s in idle:
             s.close()
-        time.sleep(0.2)
-        assert httpx.get(url + "/health", timeout=5).status_code == 200
 
 
 def test_requests_in_flight_are_capped_but_probes_never_are(rm_dir: Path) -> None:
