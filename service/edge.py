@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -162,6 +163,11 @@ class EdgeMiddleware:
             if body_error:
                 if not status["started"]:
                     await send_error(send_raw, body_error[0], {"Connection": "close"})
+            elif status["gone"] or PROTOCOL_ERROR in scope or isinstance(exc, ClientDisconnect):
+                # the client left (or h11 refused its body) while the app read it: Starlette raises
+                # ClientDisconnect; no answer can be sent, and it is counted below (499 or bad_http)
+                status["gone"] = True
+                log.debug("client left before the request body was read on %s (%s)", path, type(exc).__name__)
             else:
                 log.exception("unexpected error on %s", path)
                 self.metrics.failures.labels("internal").inc()

@@ -214,7 +214,7 @@ class ScoringEngine:
     def check_jobs(self, jobs: Sequence[Job], count_param: str, max_count: tuple[int, str] | None = None) -> None:
         """Every request limit, in one place: the count, and each text's length (each prompt once)."""
         if not jobs:
-            raise InvalidRequest(f"'{count_param}' is empty; give at least one", param=count_param)
+            raise InvalidRequest(f"'{count_param}' is empty; give at least one", param=count_param, code="empty_list")
         limit, setting = max_count or (self.limits.max_responses, "RMSERVE_MAX_RESPONSES")
         if len(jobs) > limit:
             raise PayloadTooLarge(
@@ -228,6 +228,7 @@ class ScoringEngine:
                 f"truncate_prompt_tokens is {keep}; give 1 to the model's max length ({self.formatter.max_length}), "
                 "or -1 for the max length",
                 param="truncate_prompt_tokens",
+                code="out_of_range",
             )
         seen: set[int] = set()
         for job in jobs:
@@ -279,7 +280,9 @@ class ScoringEngine:
             self._check_turns(prompt, param)
             return
         if not prompt:
-            raise InvalidRequest(f"'{param}' is an empty message list; give at least one message", param=param)
+            raise InvalidRequest(
+                f"'{param}' is an empty message list; give at least one message", param=param, code="empty_list"
+            )
         if len(prompt) > self.limits.max_messages:
             raise PayloadTooLarge(
                 f"'{param}' has {len(prompt):,} messages; at most {self.limits.max_messages:,} are allowed per "
@@ -314,7 +317,7 @@ class ScoringEngine:
             except TooLongError as e:
                 raise PayloadTooLarge(str(e), param=e.param or job.param, code="sequence_too_long") from None
             except FormattingError as e:
-                raise InvalidRequest(str(e), param=e.param or job.param) from None
+                raise InvalidRequest(str(e), param=e.param or job.param, code="invalid_input") from None
         return out
 
     def _first_tokens(self, text: str, n: int | None) -> tuple[str, bool]:
@@ -363,6 +366,7 @@ class ScoringEngine:
             raise InvalidRequest(
                 "normalize=true was asked but this model stores no normalization statistics",
                 param="normalize",
+                code="no_normalization",
             )
 
     def normalize(self, scores: Sequence[float], on: bool) -> list[float]:

@@ -145,6 +145,11 @@ def validation_error(errors: list[dict[str, Any]]) -> ServiceError:
     if param is None and kind in ("model_attributes_type", "dict_type", "model_type"):
         msg = "the request body must be a JSON object (send Content-Type: application/json)"
         return _Validation(msg, status=422, param="body", code="body_not_object")
+    if kind == "extra_forbidden":  # a field this route does not honour: refused, never accepted and dropped
+        msg = f"{param} is not supported on this route; leave it out (see the route's fields in /docs)"
+        if len(errors) > 1:
+            msg += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        return _Validation(msg, status=422, param=param or "body", code="not_supported")
     text = str(first.get("msg"))
     text = text.removeprefix("Value error, ")
     msg = f"{param + ': ' if param else ''}{text}"

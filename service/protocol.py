@@ -3,8 +3,10 @@
 - A cap on the request line plus headers (431, then the connection closes), checked on every request of a
   connection, pipelined ones too, and a deadline for them (408 or a close).
 - The connection cap, without uvicorn's `limit_concurrency` (a plain-text 503 to everything, probes
-  included, once ~1,024 idle sockets are open): at `max_connections` the oldest connection waiting for a
-  request head is evicted so that a new one is accepted; when none can be evicted, up to `probe_reserve`
+  included, once ~1,024 idle sockets are open): at `max_connections` the oldest connection with no request
+  in flight is evicted so that a new one is accepted: an idle keep-alive connection first, else the oldest
+  connection whose request head is not complete (nothing sent yet, or part of a head: it gets a JSON 503);
+  only connections whose request is being read or served are never evicted. When none can be, up to `probe_reserve`
   more connections are accepted, on which probes and /metrics are served and every other request gets the
   service's JSON 503 with Retry-After (the edge answers it, `scope[OVER_CAP]`); past that, a JSON 503 at
   once and a close.
@@ -61,10 +63,15 @@ Count = Callable[[str, int | None], None]
 
 
 class _Table:
-    """The connections of one server still waiting for a request head, oldest first (eviction order), and
-    the requests waiting for their turn to start."""
+    """The connections of one server with no request in flight, in eviction order, and the requests
+    waiting for their turn to start.
+
+    `kept`: idle keep-alive connections (answered, nothing of the next head received), the first evicted,
+    oldest first. `waiting`: connections whose request head is not complete (none received yet, or part of
+    one), oldest first by when they started waiting. A connection whose head is complete is in neither."""
 
     def __init__(self) -> None:
+        self.kept: OrderedDict[Any, None] = OrderedDict()
         self.waiting: OrderedDict[Any, None] = OrderedDict()
         self.turns: deque[asyncio.Future[None]] = deque()
         self._scheduled = False
@@ -153,13 +160,14 @@ def bounded_h11(
             self.app = paced(self.app)
 
         # -- waiting for a head: the header deadline and the eviction order -------------------------
-        def _arm(self) -> None:
+        def _arm(self, kept: bool = False) -> None:
+            """Start waiting for a head: on a new connection, or (`kept`) after an answer on a kept-alive one."""
             self._disarm()
             self._header_timer = self.loop.call_later(header_timeout_s, self._headers_late)
-            table.waiting[self] = None
-            table.waiting.move_to_end(self)
+            (table.kept if kept and not self._buffered() else table.waiting)[self] = None
 
         def _disarm(self) -> None:
+            table.kept.pop(self, None)
             table.waiting.pop(self, None)
             if self._header_timer is not None:
                 self._header_timer.cancel()
@@ -184,11 +192,10 @@ def bounded_h11(
             )
 
         def _evict_one(self) -> bool:
-            """Close the connection that has waited longest for a request head (not this one)."""
-            for other in table.waiting:
-                if other is not self:
-                    break
-            else:
+            """Close one connection with no request in flight (not this one): the oldest idle keep-alive one,
+            else the one that has waited longest for its request head. False when there is none."""
+            other = next((c for c in (*_first2(table.kept), *_first2(table.waiting)) if c is not self), None)
+            if other is None:
                 return False
             other._disarm()
             self.connections.discard(other)  # closing: no longer counts against the cap
@@ -239,8 +246,10 @@ def bounded_h11(
             """uvicorn's answer to an h11 protocol error, in the JSON error shape (status from h11's
             hint: 400, or 431 for an oversized head)."""
             err = self._error
-            status = err.error_status_hint if err is not None else 400
-            text = f"invalid HTTP request: {err}" if err is not None else msg
+            # h11 hints 431 for an oversized head; anything else it refuses (501 for a Transfer-Encoding
+            # other than chunked, ...) is a 400 bad_http, as for every other protocol error
+            status = 431 if err is not None and err.error_status_hint == 431 else 400
+            text = f"invalid HTTP request: {_readable(str(err))}" if err is not None else msg
             error: ServiceError = (
                 HeadersTooLarge(text, code="headers_too_large") if status == 431 else BadRequest(text, code="bad_http")
             )
@@ -290,7 +299,9 @@ def bounded_h11(
         def data_received(self, data: bytes) -> None:
             if self.transport.is_closing() or self._refused:
                 return
-            table.waiting.pop(self, None)  # sent something: not idle (the header deadline still runs)
+            if self in table.kept:  # part of the next head: evicted after the idle ones, oldest first
+                table.kept.pop(self)
+                table.waiting[self] = None
             self._unset_keepalive_if_required()
             self.conn.receive_data(data)
             self.handle_events()
@@ -346,7 +357,7 @@ def bounded_h11(
                 return
             pipelined = self.conn.their_state is h11.DONE and bool(self._buffered())
             self._pipelined = self._pipelined + 1 if pipelined else 0
-            if self._pipelined > max_pipelined:
+            if self._pipelined >= max_pipelined:  # `max_pipelined` answered back to back: the next is refused
                 self.server_state.total_requests += 1
                 self._refuse(
                     TooManyPipelined(
@@ -357,6 +368,21 @@ def bounded_h11(
                 return
             super().on_response_complete()
             if self.conn.their_state is h11.IDLE and not self.transport.is_closing() and not self._refused:
-                self._arm()
+                self._arm(kept=True)
 
     return BoundedH11Protocol
+
+
+def _first2(d: OrderedDict[Any, None]) -> list[Any]:
+    """The first two keys of `d` (the oldest; one of them may be the caller)."""
+    it = iter(d)
+    return [c for c, _ in zip(it, range(2), strict=False)]
+
+
+_BYTES_REPR = re.compile(r"""(?:bytearray\()?\bb(['"])(.*?)\1\)?""")
+
+
+def _readable(message: str) -> str:
+    """h11's message with the bytes it quotes as text: "illegal chunk header: bytearray(b'zz\\r\\n')" ->
+    "illegal chunk header: 'zz'"."""
+    return _BYTES_REPR.sub(lambda m: repr(m.group(2).replace("\\r", "").replace("\\n", "").strip()), message)

@@ -46,9 +46,10 @@ class Message(BaseModel):
     """A chat message. `content` is a string or a list of text parts (joined without a separator); the key
     is required (a 422 names a missing one) and a user message's may not be null (a system, tool or
     assistant message's null is empty text). An assistant message may carry `tool_calls` (OpenAI's
-    shape), with `content` null or left out, and its calls are scored as text after its content, rendered as the
-    TRL adapter renders them (`<tool_call>{"name", "arguments"}</tool_call>`). The `tool` role is accepted
-    where the model's chat template has one (else a 422 names the message)."""
+    shape), with `content` null or left out (left out only with at least one call), and its calls are
+    scored as text after its content, rendered as the TRL adapter renders them
+    (`<tool_call>{"name", "arguments"}</tool_call>`). The `tool` role is accepted where the model's chat
+    template has one (else a 422 names the message)."""
 
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant", "tool"]
@@ -60,8 +61,15 @@ class Message(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _assistant_content_optional(cls, data: Any) -> Any:
-        """Only an assistant message may leave `content` out (OpenAI: with tool calls); it is then null."""
-        if isinstance(data, dict) and data.get("role") == "assistant" and "content" not in data:
+        """Only an assistant message with tool calls (a non-empty `tool_calls` list) may leave `content` out
+        (OpenAI); it is then null. Without calls the missing key is a 422 naming `content`."""
+        if (
+            isinstance(data, dict)
+            and data.get("role") == "assistant"
+            and "content" not in data
+            and isinstance(data.get("tool_calls"), list)
+            and data["tool_calls"]
+        ):
             return {**data, "content": None}
         return data
 
@@ -259,6 +267,10 @@ ACTIVATION_FIELD = Field(
 )
 
 
+PRIORITY_FIELD = Field(None, description="vLLM's scheduling priority: accepted, no effect (it does not change a score)")
+USER_FIELD = Field(None, description="the caller's id (OpenAI/Cohere style): accepted, no effect on the score")
+
+
 class RerankDocument(BaseModel):
     model_config = ConfigDict(extra="ignore")
     text: str
@@ -275,11 +287,12 @@ class RerankRequest(BaseModel):
     `rank_fields` (Cohere v1) by those fields as `key: value` lines in rank_fields order (the YAML form
     Cohere recommends for structured documents). vLLM's truncate_prompt_tokens / truncation_side and
     Cohere's max_tokens_per_doc are honoured; max_chunks_per_doc (Cohere v1 chunking) and
-    max_tokens_per_query (vLLM) are refused with a 422 rather than ignored. Other fields of those APIs
-    that do not change a score (priority, user, ...) are accepted and ignored."""
+    max_tokens_per_query (vLLM) are refused with a 422 rather than ignored. `priority` and `user` (which do
+    not change a score) are accepted and have no effect; any other field is refused with a 422
+    (`not_supported`) naming it."""
 
     model_config = ConfigDict(
-        extra="ignore",
+        extra="forbid",
         json_schema_extra={"examples": [{"query": "How do I boil an egg?", "documents": ["Boil it.", "No idea."]}]},
     )
     model: str | None = MODEL_FIELD
@@ -298,6 +311,8 @@ class RerankRequest(BaseModel):
     max_tokens_per_doc: StrictInt | None = MAX_TOKENS_PER_DOC
     max_chunks_per_doc: Any = Field(None, description="Cohere v1's chunking: refused (a 422) when set")
     max_tokens_per_query: Any = Field(None, description="vLLM's query cut: refused (a 422) when set above 0")
+    priority: StrictInt | None = PRIORITY_FIELD
+    user: str | None = USER_FIELD
     _texts: list[str] = PrivateAttr(default_factory=list)
 
     @field_validator("max_chunks_per_doc")
@@ -406,9 +421,11 @@ class RerankResponse(BaseModel):
 
 
 class TEIRerankRequest(BaseModel):
-    """Hugging Face text-embeddings-inference's rerank body."""
+    """Hugging Face text-embeddings-inference's rerank body: TEI's fields only (`return_text` puts each
+    text in its rank, as TEI does); any other field (vLLM's truncate_prompt_tokens, Cohere's
+    max_tokens_per_doc, ...) is a 422 naming it (send `documents` for those)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     model: str | None = MODEL_FIELD
     query: str
     texts: list[str]
@@ -448,9 +465,10 @@ AnyRerankRequest = Annotated[
 
 class TEIPredictRequest(BaseModel):
     """TEI's /predict: a text, a [text, text_pair] pair, or a batch of [text] / [text, text_pair] lists.
-    A single text is scored as already-templated text (like /get_reward); a pair as (prompt, answer)."""
+    A single text is scored as already-templated text (like /get_reward); a pair as (prompt, answer). A
+    field not listed here is a 422 (`not_supported`) naming it."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     model: str | None = MODEL_FIELD
     inputs: str | list[str] | list[list[str]]
     raw_scores: StrictBool = Field(False, description="true: the raw reward; false (TEI's default): sigmoid(reward)")
@@ -502,10 +520,11 @@ ScoreInputs = str | list[str]
 class VLLMScoreRequest(BaseModel):
     """vLLM's score body: `text_1`/`text_2` (or `data_1`/`data_2`, `queries`/`documents`,
     `queries`/`items`). One first text is paired with every second text; otherwise they pair up 1:1.
-    The first text is the prompt, the second the answer scored."""
+    The first text is the prompt, the second the answer scored. `priority` and `user` are accepted with no
+    effect; a field not listed here is a 422 (`not_supported`) naming it."""
 
     model_config = ConfigDict(
-        extra="ignore",
+        extra="forbid",
         json_schema_extra={"examples": [{"text_1": "How do I boil an egg?", "text_2": ["Boil it.", "No idea."]}]},
     )
     model: str | None = MODEL_FIELD
@@ -521,6 +540,8 @@ class VLLMScoreRequest(BaseModel):
     truncation_side: Literal["left", "right"] | None = TRUNCATION_SIDE
     max_tokens_per_doc: StrictInt | None = MAX_TOKENS_PER_DOC
     max_tokens_per_query: Any = Field(None, description="vLLM's query cut: refused (a 422) when set above 0")
+    priority: StrictInt | None = PRIORITY_FIELD
+    user: str | None = USER_FIELD
 
     @field_validator("max_tokens_per_query")
     @classmethod

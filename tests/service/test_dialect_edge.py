@@ -129,3 +129,36 @@ def test_probes_answer_whatever_their_content_headers(client: TestClient) -> Non
     odd = {"content-type": "text/plain; charset=latin-1", "content-encoding": "br"}
     for route in ("/health", "/ready", "/metrics"):
         assert client.get(route, headers=odd).status_code == 200, route
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/rerank", {"query": "q", "texts": ["a", "b"], "truncate_prompt_tokens": 3}, "truncate_prompt_tokens"),
+        ("/rerank", {"query": "q", "texts": ["a", "b"], "max_tokens_per_doc": 1}, "max_tokens_per_doc"),
+        ("/v1/rerank", {"query": "q", "documents": ["a"], "return_text": True}, "return_text"),
+        ("/v2/rerank", {"query": "q", "documents": ["a"], "mm_processor_kwargs": {}}, "mm_processor_kwargs"),
+        ("/rerank", {"query": "q", "documents": ["a"], "raw_scores": True}, "raw_scores"),
+        ("/v1/score", {"text_1": "q", "text_2": ["a"], "return_text": True}, "return_text"),
+        ("/predict", {"inputs": ["q", "a"], "truncate_prompt_tokens": 3}, "truncate_prompt_tokens"),
+    ],
+)
+def test_dialect_fields_not_honoured_are_refused_naming_them(
+    client: TestClient, path: str, body: dict[str, object], field: str
+) -> None:
+    """An option a route does not honour is a 422 that names it and says it is not supported (before: TEI's
+    /rerank with texts took truncate_prompt_tokens and max_tokens_per_doc and scored the full input, and
+    any unknown field on the rerank routes was answered 200)."""
+    r = client.post(path, json=body)
+    err = r.json()["error"]
+    assert r.status_code == 422 and err["param"] == field and err["code"] == "not_supported", err
+    assert "not supported" in err["message"] and field in err["message"]
+
+
+def test_tei_return_text_and_no_op_fields_are_accepted(client: TestClient) -> None:
+    r = client.post("/rerank", json={"query": "q", "texts": ["a", "bb"], "return_text": True, "raw_scores": True})
+    assert r.status_code == 200 and sorted(x["text"] for x in r.json()) == ["a", "bb"]
+    plain = client.post("/v1/rerank", json={"query": "q", "documents": ["a"]}).json()["results"][0]
+    with_noop = client.post("/v1/rerank", json={"query": "q", "documents": ["a"], "priority": 1, "user": "u"})
+    assert with_noop.status_code == 200
+    assert with_noop.json()["results"][0]["relevance_score"] == plain["relevance_score"]

@@ -160,6 +160,17 @@ def test_message_content_is_required_and_tool_calls_stay_valid(client: TestClien
     assert r.status_code == 422 and r.json()["error"]["param"] == "prompt[0].tool_calls"
 
 
+@pytest.mark.parametrize(
+    "message", [{"role": "assistant"}, {"role": "assistant", "tool_calls": []}], ids=["bare", "no-calls"]
+)
+def test_assistant_message_without_content_or_calls_is_422(client: TestClient, message: dict[str, object]) -> None:
+    """`content` may be left out only with at least one tool call (before: scored as empty text, 200)."""
+    prompt = [{"role": "user", "content": "q"}, message, {"role": "user", "content": "and?"}]
+    r = client.post("/v1/score", json={"prompt": prompt, "responses": ["a"]})
+    err = r.json()["error"]
+    assert r.status_code == 422 and err["param"] == "prompt[1].content", r.text
+
+
 BAD_BODIES = [
     ("/v1/score", {"prompt": "x"}, "responses"),
     ("/v1/score", {"responses": ["a"]}, "prompt"),
@@ -275,3 +286,18 @@ def test_trl_adapter_gets_the_413_naming_the_item(rm_dir: Path) -> None:
         with pytest.raises(InvalidRequestError) as e:
             fn(prompts=["Hi", msgs(9)], completions=["a", "b"])
     assert e.value.status == 413 and e.value.param == "items[1].prompt" and e.value.code == "too_many_messages"
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        ({"prompt": "q", "responses": []}, "responses", "empty_list"),
+        ({"prompt": [], "responses": ["a"]}, "prompt", "empty_list"),
+        ({"text_1": "q", "text_2": ["a"], "truncate_prompt_tokens": 0}, "truncate_prompt_tokens", "out_of_range"),
+    ],
+)
+def test_422s_carry_a_specific_code(client: TestClient, body: dict[str, object], param: str, code: str) -> None:
+    """The code says what was wrong, not the type again (before: code "invalid_request_error")."""
+    r = client.post("/v1/score", json=body)
+    err = r.json()["error"]
+    assert r.status_code == 422 and err["param"] == param and err["code"] == code, err
