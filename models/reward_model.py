@@ -153,7 +153,9 @@ class RewardModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) ids and mask -> (B,) rewards (float32)."""
-        return self.head(self.hidden_at_last(input_ids, attention_mask).float()).squeeze(-1)
+        # a fresh tensor, not a view of the head's (B, 1) output: FSDP2 warns about (and cannot hook
+        # gradients of) a view returned by the module it wraps; copying B floats costs nothing
+        return self.head(self.hidden_at_last(input_ids, attention_mask).float()).squeeze(-1).clone()
 
     def normalize(self, rewards: torch.Tensor) -> torch.Tensor:
         n = self.config.normalization

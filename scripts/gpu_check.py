@@ -34,11 +34,11 @@ from bench.common import python, run_load, start_service  # noqa: E402
 from bench.parity import pair_parity  # noqa: E402
 
 
-def examples(data_dir: Path, n: int, seed: int = 0) -> tuple[list[Any], str]:
+def examples(data_dir: Path | None, n: int, seed: int = 0) -> tuple[list[Any], str]:
     """n comparisons: HH-RLHF when `data_dir/hh-rlhf` holds it, else synthetic (prompt, 2 answers)."""
     from models.data import RankedExample, read_file
 
-    files = sorted((data_dir / "hh-rlhf").glob("*.jsonl.gz"))
+    files = sorted((data_dir / "hh-rlhf").glob("*.jsonl.gz")) if data_dir else []
     if files:
         exs = [e for e in read_file(files[0])[0]]
         return random.Random(seed).sample(exs, min(n, len(exs))), f"hh-rlhf ({files[0].name})"
@@ -105,8 +105,12 @@ def serving(model_dir: Path, device: str, dtype: str, exs: list[Any], requests: 
     }
 
 
-def finetune(backbone: Path, device: str, exs: list[Any], steps: int, batch_tokens: int) -> dict[str, Any]:
-    """`rmserve train --method full --max-steps STEPS` without and with --sharding fsdp (one rank)."""
+def finetune(
+    backbone: Path, device: str, exs: list[Any], steps: int, batch_tokens: int, timeout: float
+) -> dict[str, Any]:
+    """`rmserve train --method full --max-steps STEPS` without and with --sharding fsdp (one rank),
+    under "one_process" and "fsdp" (a failure or a run past `timeout` seconds is recorded there too,
+    as {"error": ..., "timed_out": bool})."""
     from models.data import write_jsonl
 
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
@@ -119,6 +123,7 @@ def finetune(backbone: Path, device: str, exs: list[Any], steps: int, batch_toke
     out: dict[str, Any] = {"backbone": str(backbone), "steps": steps}
     dtype = "bfloat16" if device.startswith("cuda") else "float32"
     for sharding in ("ddp", "fsdp"):
+        key = "fsdp" if sharding == "fsdp" else "one_process"  # ddp on one process: no wrapper at all
         run_dir = work / sharding
         cmd = [python(), "-m", "service.cli", "train", "--backbone", str(backbone), "--data", str(data)]
         cmd += ["--out", str(run_dir), "--method", "full", "--max-steps", str(steps), "--device", device]
@@ -126,13 +131,18 @@ def finetune(backbone: Path, device: str, exs: list[Any], steps: int, batch_toke
         cmd += ["--sharding", sharding, "--norm-samples", "32", "--max-length", "512", "--cache-dir", "none"]
         t0 = time.perf_counter()
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            tail = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+            out[key] = {"error": f"timed out after {timeout:.0f} s", "timed_out": True, "stderr": tail[-2000:]}
+            continue
         seconds = time.perf_counter() - t0
         if proc.returncode != 0:
-            out[sharding] = {"error": proc.stderr[-2000:]}
+            out[key] = {"error": proc.stderr[-2000:], "timed_out": False, "returncode": proc.returncode}
             continue
         metrics = json.loads((run_dir / "metrics.json").read_text())
-        out[sharding if sharding == "fsdp" else "one_process"] = {
+        out[key] = {
             "seconds": round(seconds, 1),
             "losses": [round(h["loss"], 6) for h in metrics["history"]],
             "memory_per_rank": metrics["training"]["memory_per_rank"],
@@ -163,13 +173,58 @@ def parity(model_dir: Path, device: str, exs: list[Any]) -> dict[str, Any]:
     return {"pairs": len(pairs), "against": "cpu float32", "dtype": "bfloat16", "device": device, **pp}
 
 
+def find_data_dir(given: str | None) -> Path | None:
+    """--data-dir when given; else the first `shared/data` found beside the checkout this script runs
+    from, or beside the main checkout when this one is a git worktree; None (synthetic data) if none."""
+    if given:
+        return Path(given)
+    roots = [ROOT, ROOT.parent]
+    try:  # a worktree's common git dir is MAIN/.git: look beside MAIN too
+        common = subprocess.run(
+            ["git", "rev-parse", "--path-format=absolute", "--git-common-dir"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        if common:
+            roots += [Path(common).parent, Path(common).parent.parent]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for r in roots:
+        if (r / "shared" / "data").is_dir():
+            return r / "shared" / "data"
+    return None
+
+
+def find_backbone(home: Path) -> Path:
+    """The SmolLM2 backbone under HOME/backbones (by name), so another fetched backbone is not picked."""
+    found = sorted(p for p in (home / "backbones").glob("*") if "smollm2" in p.name.lower())
+    if not found:
+        have = sorted(p.name for p in (home / "backbones").glob("*"))
+        raise SystemExit(f"no SmolLM2 backbone under {home / 'backbones'} (found {have}); give --backbone DIR")
+    return found[0]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda", help="cuda (the check) or cpu (a dry run, small sizes)")
     ap.add_argument("--out", default="gpu_check.json")
     ap.add_argument("--model", default="default", help="reward model directory to serve (default: the default model)")
     ap.add_argument("--backbone", default=None, help="SFT backbone to fine-tune (default: RMSERVE_HOME's SmolLM2)")
-    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder holding hh-rlhf/*.jsonl.gz (default: shared/data beside this checkout or the main one; "
+        "synthetic dialogues when none is found, said in the JSON)",
+    )
+    ap.add_argument(
+        "--train-timeout",
+        type=float,
+        default=None,
+        help="seconds allowed to each fine-tune run (default 75 on CUDA, keeping the check under 5 minutes; "
+        "900 on CPU); a run past it is recorded as timed out",
+    )
     ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--pairs", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
@@ -185,8 +240,12 @@ def main() -> None:
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no GPU here; use --device cpu for the dry run")
     model_dir = Path(args.model) if args.model != "default" else default_home() / "models" / "default"
-    backbone = Path(args.backbone) if args.backbone else next((default_home() / "backbones").iterdir())
-    exs, source = examples(Path(args.data_dir), max(requests, n_pairs, 64))
+    backbone = Path(args.backbone) if args.backbone else find_backbone(default_home())
+    data_dir = find_data_dir(args.data_dir)
+    train_timeout = args.train_timeout or (75.0 if cuda else 900.0)
+    if data_dir is None:
+        print("gpu_check: no shared/data found (give --data-dir); using synthetic dialogues", file=sys.stderr)
+    exs, source = examples(data_dir, max(requests, n_pairs, 64))
     t0 = time.perf_counter()
     result: dict[str, Any] = {
         "device": args.device,
@@ -194,10 +253,11 @@ def main() -> None:
         "torch": torch.__version__,
         "model": str(model_dir),
         "data": source,
+        "data_dir": str(data_dir) if data_dir else None,
         "dry_run": not cuda,
     }
     result["serving"] = serving(model_dir, args.device, "bfloat16" if cuda else "float32", exs[:requests], requests)
-    result["finetune"] = finetune(backbone, args.device, exs, steps, 4096 if cuda else 1024)
+    result["finetune"] = finetune(backbone, args.device, exs, steps, 4096 if cuda else 1024, train_timeout)
     result["parity"] = parity(model_dir, args.device, exs[:n_pairs])
     result["seconds"] = round(time.perf_counter() - t0, 1)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -66,6 +66,9 @@ def test_autoscaling_on_queue_depth() -> None:
     series = re.match(r"(\w+)\{", rule["seriesQuery"])
     assert series and series.group(1) == name
     assert "<<.Series>>" in rule["metricsQuery"] and "<<.LabelMatchers>>" in rule["metricsQuery"]
+    # one value per pod whatever the series count (the adapter's grouping), and queue depth alone: no CPU
+    assert re.fullmatch(r"sum\(.*<<\.Series>>\{<<\.LabelMatchers>>\}.*\) by \(<<\.GroupBy>>\)", rule["metricsQuery"])
+    assert [m["type"] for m in hpa["spec"]["metrics"]] == ["Pods"]
     from service.metrics import Metrics
 
     exported = {m.name for m in Metrics().registry.collect()}

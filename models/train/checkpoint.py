@@ -18,6 +18,57 @@ from models.train.config import TrainConfig
 
 CHECKPOINT_DIR = ".checkpoint"
 
+# The recipe fields that decide which micro-batches make each optimizer step (with world x grad_accum):
+# a resumed run must agree on them, or it silently continues a different model.
+STEP_SEQUENCE_FIELDS = (
+    "data",
+    "format",
+    "skip_bad",
+    "seed",
+    "batch_tokens",
+    "max_length",
+    "epochs",
+    "max_steps",
+    "train_max",
+    "dev_fraction",
+    "balance_subsets",
+)
+
+
+def check_resume(state: dict[str, Any], cfg: TrainConfig, world: int, ck: Path) -> None:
+    """Refuse (ValueError) to resume the checkpoint at `ck`, whose state.json is `state`, with a run
+    whose step sequence differs: micro-batches per optimizer step (world x grad_accum; another split
+    of the same product is allowed, as the loop gives the same steps at any world size) and each of
+    `STEP_SEQUENCE_FIELDS`. `world`: this run's number of processes. A checkpoint written before the
+    world size was recorded is checked on grad_accum alone."""
+    saved = state.get("config") or {}
+    problems = []
+    saved_world = state.get("world")
+    saved_accum = int(saved.get("grad_accum", 1))
+    if saved_world is None:
+        if saved_accum != cfg.grad_accum:
+            problems.append(f"--grad-accum was {saved_accum}, now {cfg.grad_accum}")
+    elif int(saved_world) * saved_accum != world * cfg.grad_accum:
+        problems.append(
+            f"micro-batches per optimizer step (world size x --grad-accum) were {saved_world} x {saved_accum} = "
+            f"{int(saved_world) * saved_accum}, now {world} x {cfg.grad_accum} = {world * cfg.grad_accum}"
+        )
+    now = asdict(cfg)
+    for name in STEP_SEQUENCE_FIELDS:
+        if name not in saved:
+            continue
+        old, new = saved[name], now[name]
+        if name == "data":
+            old, new = [str(Path(p).resolve()) for p in old], [str(Path(p).resolve()) for p in new]
+        if old != new:
+            problems.append(f"--{name.replace('_', '-')} was {saved[name]!r}, now {now[name]!r}")
+    if problems:
+        raise ValueError(
+            f"--resume: {ck} was written by a run with another step sequence: " + "; ".join(problems) + ". "
+            "Resume with the checkpoint's values (any world size x --grad-accum with the same product), "
+            "or start afresh without --resume (or with another --out)"
+        )
+
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The parameters that train, detached float32 copies on the CPU (copies even where the parameter
@@ -49,8 +100,10 @@ def save_checkpoint(
     history: list[dict[str, Any]],
     cfg: TrainConfig,
     extra: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None,
+    world: int = 1,
 ) -> None:
-    """`extra`: (JSON-able state, tensors) of another part of the run (early stopping's best weights)."""
+    """`extra`: (JSON-able state, tensors) of another part of the run (early stopping's best weights);
+    `world`: the run's number of processes (recorded for `check_resume`)."""
     ck = out / CHECKPOINT_DIR
     tmp = out / (CHECKPOINT_DIR + ".tmp")
     if tmp.exists():
@@ -59,13 +112,27 @@ def save_checkpoint(
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optimizer.pt")
     save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-    state = {"step": step, "history": history, "config": asdict(cfg), "extra": extra[0] if extra else None}
+    state = {
+        "step": step,
+        "history": history,
+        "config": asdict(cfg),
+        "world": world,
+        "extra": extra[0] if extra else None,
+    }
     if extra and extra[1]:
         save_file(extra[1], str(tmp / "extra.safetensors"))
     (tmp / "state.json").write_text(json.dumps(state))
     if ck.exists():
         shutil.rmtree(ck)
     os.replace(tmp, ck)
+
+
+def read_checkpoint_state(out: Path) -> dict[str, Any]:
+    """OUT/.checkpoint/state.json; FileNotFoundError naming the folder when there is none."""
+    ck = out / CHECKPOINT_DIR
+    if not (ck / "state.json").is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ck}")
+    return dict(json.loads((ck / "state.json").read_text()))
 
 
 def load_checkpoint(
@@ -134,7 +201,14 @@ def save_sharded_checkpoint(
     if dist.is_main:
         torch.save({"scheduler": sched.state_dict()}, tmp / "scheduler.pt")
         save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-        state = {"step": step, "history": history, "config": asdict(cfg), "extra": None, "sharded": True}
+        state = {
+            "step": step,
+            "history": history,
+            "config": asdict(cfg),
+            "world": dist.world,
+            "extra": None,
+            "sharded": True,
+        }
         (tmp / "state.json").write_text(json.dumps(state))
     dist.barrier()
     if dist.is_main:

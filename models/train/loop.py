@@ -18,10 +18,13 @@ from models.evaluate import EncodedExample
 from models.reward_model import RewardModel
 from models.train.batches import build_batch, lr_lambda, micro_batch_stream
 from models.train.checkpoint import (
+    CHECKPOINT_DIR,
+    check_resume,
     load_checkpoint,
     load_checkpoint_extra,
     load_sharded_checkpoint,
     load_trainable_state,
+    read_checkpoint_state,
     save_checkpoint,
     save_sharded_checkpoint,
     trainable_state,
@@ -118,6 +121,9 @@ class Loop:
         self.evaluates = self.is_main or self.dist.fsdp
 
     def resume(self, out: Path) -> None:
+        """Continue from OUT/.checkpoint; ValueError (before anything is loaded) when this run's step
+        sequence differs from the checkpoint's (`check_resume`)."""
+        check_resume(read_checkpoint_state(out), self.cfg, self.dist.world, out / CHECKPOINT_DIR)
         if self.dist.fsdp:
             self.step, self.history = load_sharded_checkpoint(out, self.model, self.opt, self.sched)
         else:
@@ -261,4 +267,4 @@ class Loop:
             save_sharded_checkpoint(out, self.model, self.opt, self.sched, step, self.history, cfg, self.dist)
         elif self.is_main:
             extra = self.early.state() if self.early is not None else None
-            save_checkpoint(out, self.model, self.opt, self.sched, step, self.history, cfg, extra)
+            save_checkpoint(out, self.model, self.opt, self.sched, step, self.history, cfg, extra, self.dist.world)

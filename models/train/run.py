@@ -108,10 +108,14 @@ def check_distributed(cfg: TrainConfig, world: int) -> None:
         return
     how = "--sharding fsdp" if fsdp else f"DDP on {world} processes"
     if cfg.early_stopping_patience:
-        raise ValueError(
-            f"--early-stopping-patience does not combine with {how}: it keeps the best weights as whole tensors "
-            "on one process, and under DDP only rank 0 evaluates; run it on one process"
+        why = (
+            "under FSDP each rank holds only shards of the parameters, and early stopping keeps the best "
+            "weights as whole tensors on one process"
+            if fsdp
+            else "under DDP only rank 0 evaluates, so the other ranks cannot learn when to stop or which "
+            "weights to keep"
         )
+        raise ValueError(f"--early-stopping-patience does not combine with {how}: {why}; run it on one process")
     if cfg.prefix_sharing == "on":
         raise ValueError(
             f"--prefix-sharing on does not combine with {how}: the shared-prefix pass runs the layers outside "
@@ -122,6 +126,19 @@ def check_distributed(cfg: TrainConfig, world: int) -> None:
             f"--cache-frozen on does not combine with {how}: the cached path runs the top layers outside the "
             "DDP/FSDP wrapper, so its gradients would not be reduced over ranks; use --cache-frozen off (or auto)"
         )
+
+
+def frozen_cache_off_reason(cfg: TrainConfig, world: int, fsdp: bool) -> str | None:
+    """Why `--cache-frozen auto` leaves the frozen-layer cache off for this run (one INFO line), or None
+    when it is not a top-n run under DDP/FSDP (one process decides by the model alone)."""
+    if cfg.method != "top-n" or cfg.cache_frozen != "auto" or not (world > 1 or fsdp):
+        return None
+    how = "--sharding fsdp" if fsdp else f"DDP on {world} processes"
+    return (
+        f"--cache-frozen auto: the frozen-layer cache is off under {how} (the cached path runs the top layers "
+        "outside the DDP/FSDP wrapper, so their gradients would not be reduced over ranks); every step runs "
+        "the whole model"
+    )
 
 
 def make_scorer(cfg: TrainConfig, model: RewardModel, pad_id: int, dist: Distributed, data: TrainData) -> Scorer:
@@ -135,6 +152,9 @@ def make_scorer(cfg: TrainConfig, model: RewardModel, pad_id: int, dist: Distrib
     scorer = Scorer(fwd, model, pad_id, dist.device, None if dist.fsdp else amp)
     scorer.one_pass = dist.collective
     scorer.prefix_sharing = cfg.prefix_sharing == "on"
+    off = frozen_cache_off_reason(cfg, dist.world, dist.fsdp)
+    if off and dist.is_main:
+        log.info("%s", off)
     if use_frozen_cache(cfg, model, dist.world if not dist.fsdp else 0):
         from models.frozen_cache import frozen_fingerprint
 
