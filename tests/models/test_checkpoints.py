@@ -51,6 +51,9 @@ HF_CASES = [
     ("gpt_neox", "chatml_pad"),
     ("gpt2", "plain"),  # no chat template, pad == eos
     ("gpt2", "plain_nopad"),
+    ("llama", "plain_bos"),  # no chat template, the tokenizer adds BOS to plain text (TRL keeps it)
+    ("mistral", "plain_bos_eos"),  # ... and appends EOS: TRL's text is then text + eos + the appended eos
+    ("qwen2", "plain_bos_eos_pad"),  # the same with pad != eos: the appended EOS is the read token
 ]
 MEASURED: dict[str, float] = {}  # "format family variant" -> largest |difference|, printed at the end
 
@@ -195,7 +198,12 @@ def openrlhf_text(tok: Any, prompt: Any, answer: str) -> str:
 
 @pytest.mark.parametrize(
     ("family", "variant", "prefix"),
-    [("llama", "chatml", "score"), ("qwen2", "chatml_pad", "value_head"), ("gpt2", "plain", "score")],
+    [
+        ("llama", "chatml", "score"),
+        ("qwen2", "chatml_pad", "value_head"),
+        ("gpt2", "plain", "score"),
+        ("llama", "plain_bos", "score"),  # OpenRLHF tokenizes with add_special_tokens=False: no BOS
+    ],
 )
 def test_openrlhf_checkpoint_scores_as_openrlhf(
     tmp_path: Path, serve: Any, family: str, variant: str, prefix: str
