@@ -330,7 +330,7 @@ BAD = {
     "labels3": "num_labels 3",
     "no_tokenizer": "has no tokenizer",
     "corrupt": "model.safetensors is corrupt",
-    "remote_code": "auto_map: modeling_rm.CustomRewardModel.*does not run remote code",
+    "remote_code": "auto_map: modeling_rm.CustomRewardModel.*never runs a reward checkpoint's own code",
     "pickle": "pytorch_model.bin: pickle files",
 }
 
@@ -350,6 +350,7 @@ def test_bad_checkpoints_are_refused_before_serving(tmp_path: Path, llama_dir: P
         # `rmserve serve` refuses before binding a port: exit status 2 and the message
         assert main(["serve", "--model", str(dirs[name]), "--port", "1"]) == 2
         assert "error:" in capsys.readouterr().err
+    assert "--trust-remote-code" not in messages_seen["remote_code"]  # no such flag exists
     print(json.dumps(messages_seen, indent=1))
 
 
