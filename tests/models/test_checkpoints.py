@@ -481,3 +481,23 @@ def test_zz_print_measured() -> None:
     print("\nlargest |rmserve - framework| per case:")
     for k, v in MEASURED.items():
         print(f"  {k}: {v:.2e}")
+
+
+def test_forcing_another_format_than_detected_warns(tmp_path: Path, caplog: Any) -> None:
+    """`--model-format openrlhf` on a folder detected as a transformers (TRL) checkpoint is honoured, with
+    a WARNING naming both formats; forcing the detected format (or auto) says nothing."""
+    from models import checkpoints
+
+    tok = make_variant("chatml")
+    make_seq_cls("llama", len(tok), tok.pad_token_id).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    for fmt in ("hf", "auto", None):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="models.checkpoints"):
+            assert checkpoints.check(tmp_path, fmt) == "hf"
+        assert not caplog.records
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="models.checkpoints"):
+        assert checkpoints.check(tmp_path, "openrlhf") == "openrlhf"
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "detected as the hf format but --model-format openrlhf" in warned[0], warned
