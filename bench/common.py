@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = Path(os.environ.get("RMSERVE_BENCH_DATA") or ROOT.parent / "shared" / "data")  # a worktree elsewhere: set it
 
 
 def hh_examples(n: int, seed: int = 0) -> list[Any]:

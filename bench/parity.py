@@ -54,7 +54,8 @@ def batch_invariance(score: Score, pairs: Sequence[Sequence[Sequence[int]]], bat
 
 
 def load_spec(model_dir: Path, spec: str, threads: int) -> Any:
-    """A runtime for `name:dtype[+sharing]` (torch runs without prefix sharing unless +sharing)."""
+    """A runtime for `name:dtype[+sharing|+canonical]` (torch runs the padded forward without prefix sharing
+    unless +sharing; +canonical is the packed batch-invariant forward, the service's default)."""
     from models.export import ONNX_FP32, export_onnx
     from models.reward_model import RewardModel
     from service.runtimes.onnx_runtime import OnnxRuntime
@@ -64,7 +65,8 @@ def load_spec(model_dir: Path, spec: str, threads: int) -> Any:
     dtype, _, extra = dtype.partition("+")
     if name == "torch":
         m, tok = RewardModel.load(model_dir, dtype=dtype)
-        return TorchRuntime(m, tok.pad_token_id, prefix_sharing=extra == "sharing")
+        forward = "canonical" if extra == "canonical" else "padded"
+        return TorchRuntime(m, tok.pad_token_id, forward=forward, prefix_sharing=extra == "sharing")
     if not (model_dir / ONNX_FP32).is_file():
         export_onnx(model_dir)
     rt, _ = OnnxRuntime.load(model_dir, threads=threads, int8=dtype == "int8")

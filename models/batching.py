@@ -1,4 +1,5 @@
-"""Length-sorted batching under a padded-token budget: pure Python, shared by the trainer's
+"""Batching under a token budget: padded cost (longest x count, length-sorted) for the padded forward,
+real tokens (`packed_batches`) for the packed canonical forward. Pure Python, shared by the trainer's
 evaluation and the service's batcher (which must not import torch)."""
 
 from __future__ import annotations
@@ -130,4 +131,73 @@ def shared_prefix_batches(
         [singles[i] for i in b]
         for b in length_batches([len(seqs[i]) for i in singles], batch_tokens, max_seqs, max_pad_ratio)
     )
+    return batches
+
+
+class PromptSplit(list[int]):
+    """Token ids that also carry their prompt/answer boundary: the first `prompt_len` ids are the prompt
+    (`models.formatting.Encoded.prompt_len`).
+
+    A plain list everywhere else (the batcher counts and sorts it as one); the canonical forward
+    (models/canonical.py) computes the prompt as its own segment, once per pass for all its answers.
+    A `prompt_len` outside 1..len-1 means no split.
+    """
+
+    prompt_len: int
+
+    def __init__(self, ids: Sequence[int], prompt_len: int) -> None:
+        super().__init__(ids)
+        self.prompt_len = int(prompt_len)
+
+
+def prompt_len_of(seq: Sequence[int]) -> int:
+    """The prompt boundary `seq` carries, 0 when none (or none usable: the answer must keep a token)."""
+    p = int(getattr(seq, "prompt_len", 0))
+    return p if 0 < p < len(seq) else 0
+
+
+def packed_cost(seqs: Sequence[Sequence[int]]) -> int:
+    """Real tokens a packed pass of `seqs` computes: each distinct prompt once, each answer's own tokens."""
+    prompts: set[tuple[int, ...]] = set()
+    total = 0
+    for s in seqs:
+        p = prompt_len_of(s)
+        if p:
+            prompts.add(tuple(s[:p]))
+        total += len(s) - p
+    return total + sum(len(p) for p in prompts)
+
+
+def packed_batches(seqs: Sequence[Sequence[int]], batch_tokens: int, max_seqs: int = 256) -> list[list[int]]:
+    """Batches for a packed forward, whose cost is real tokens (`packed_cost`: no padding, each distinct
+    prompt once) under `batch_tokens` and at most `max_seqs` sequences. Answers to one prompt are kept
+    together (their prompt is computed once per pass), largest groups first; a group larger than a batch
+    is cut into whole members (its prompt then runs once in each piece)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, s in enumerate(seqs):
+        p = prompt_len_of(s)
+        groups.setdefault(tuple(s[:p]) if p else (), []).append(i)
+    loose = groups.pop((), [])
+    ordered = [m for _, m in sorted(groups.items(), key=lambda kv: -len(kv[1]))]
+    ordered += [[i] for i in sorted(loose, key=lambda i: len(seqs[i]))]
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    cost = 0
+    prompts: set[tuple[int, ...]] = set()
+    for members in ordered:
+        for i in members:
+            s = seqs[i]
+            p = prompt_len_of(s)
+            key = tuple(s[:p])
+            extra = len(s) - (p if p and key in prompts else 0)
+            if cur and (cost + extra > batch_tokens or len(cur) >= max_seqs):
+                batches.append(cur)
+                cur, cost, prompts = [], 0, set()
+                extra = len(s)
+            cur.append(i)
+            cost += extra
+            if p:
+                prompts.add(key)
+    if cur:
+        batches.append(cur)
     return batches

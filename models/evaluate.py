@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from models.batching import length_batches
+from models.batching import PromptSplit, length_batches, packed_batches
 from models.data import FORMATS, RankedExample, read_file
 from models.formatting import Formatter
 from models.reward_model import RewardModel, collate
@@ -50,11 +50,29 @@ def score_sequences(
     batch_tokens: int = 16384,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
+    forward: str = "canonical",
 ) -> list[float]:
-    """Rewards for token id lists in input order (length-sorted batches under a token budget); with
-    `progress`, a tqdm bar counts the sequences scored."""
+    """Rewards for token id lists in input order; with `progress`, a tqdm bar counts the sequences scored.
+
+    forward="canonical" (the service's default, models/canonical.py): packed passes of at most
+    `batch_tokens` real tokens, in the weights' dtype (`autocast_dtype` is not used: the service does
+    not autocast), so each reward is the bits the service returns for that sequence in that dtype on
+    this machine, whatever it is evaluated with. Sequences carrying a prompt boundary (`PromptSplit`) are
+    split there, as the service splits them. Families the canonical forward does not cover, and
+    forward="padded", run length-sorted padded batches of `batch_tokens` padded tokens.
+    """
+    from models.canonical import canonical_rewards, supports
+
     out = [0.0] * len(seqs)
     bar = tqdm(total=len(seqs), desc="scoring", unit="seq", disable=not progress, dynamic_ncols=True)
+    if forward == "canonical" and supports(model.body):
+        for idx in packed_batches(seqs, batch_tokens):
+            rewards = canonical_rewards(model.body, model.head, [seqs[i] for i in idx], pad_id=pad_id).tolist()
+            for i, r in zip(idx, rewards, strict=True):
+                out[i] = float(r)
+            bar.update(len(idx))
+        bar.close()
+        return out
     for idx in length_batches([len(s) for s in seqs], batch_tokens):
         ids, mask = collate([seqs[i] for i in idx], pad_id, "right", model.device)
         with torch.autocast(model.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -74,10 +92,18 @@ def score_encoded(
     batch_tokens: int = 16384,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
+    forward: str = "canonical",
 ) -> list[list[float]]:
-    flat = [s for e in encoded for s in e.seqs]
+    """Rewards per example, each response split at its prompt boundary as the service splits it."""
+    flat = [PromptSplit(s, p) for e in encoded for s, p in zip(e.seqs, e.prompt_lens, strict=True)]
     flat_scores = score_sequences(
-        model, flat, pad_id, batch_tokens=batch_tokens, autocast_dtype=autocast_dtype, progress=progress
+        model,
+        flat,
+        pad_id,
+        batch_tokens=batch_tokens,
+        autocast_dtype=autocast_dtype,
+        progress=progress,
+        forward=forward,
     )
     out, k = [], 0
     for e in encoded:
@@ -156,6 +182,7 @@ def evaluate_examples(
     batch_tokens: int = 16384,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
+    forward: str = "canonical",
 ) -> tuple[dict[str, Any], list[list[float]]]:
     encoded = encode_examples(model.formatter(tokenizer), examples)
     scores = score_encoded(
@@ -165,6 +192,7 @@ def evaluate_examples(
         batch_tokens=batch_tokens,
         autocast_dtype=autocast_dtype,
         progress=progress,
+        forward=forward,
     )
     return metrics_from_scores(examples, scores), scores
 
@@ -204,8 +232,25 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dev-fraction", type=float, default=None, help="dev split fraction (default: the model's)")
     p.add_argument("--seed", type=int, default=None, help="split seed (default: the model's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="inference dtype")
-    p.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per forward pass")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="inference dtype; auto = what `rmserve serve` runs the torch runtime in here (float32 on a CPU)",
+    )
+    p.add_argument(
+        "--forward",
+        default="canonical",
+        choices=["canonical", "padded"],
+        help="canonical = the service's default forward (packed, batch-invariant): the accuracy of the rewards "
+        "it serves; padded = right-padded batches",
+    )
+    p.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=16384,
+        help="tokens per forward pass (real tokens when canonical, padded tokens when padded)",
+    )
     p.add_argument("--skip-bad", action="store_true", help="skip and count malformed lines")
     p.add_argument(
         "--max-pairs", type=int, default=None, help="score at most this many pairs in all (the leading examples)"
@@ -220,13 +265,19 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from models.backbone import auto_dtype
     from models.data import split_dev
 
+    dtype = auto_dtype(args.device) if args.dtype == "auto" else args.dtype
+    forward = getattr(args, "forward", "canonical")
     model, tok = RewardModel.load(
-        args.model, dtype=args.dtype, device=args.device, format=getattr(args, "model_format", None)
+        args.model, dtype=dtype, device=args.device, format=getattr(args, "model_format", None)
     )
     training = model.config.training or {}
-    result: dict[str, Any] = {"model": str(args.model), "files": {}}
+    from models.canonical import supports
+
+    mode = f"torch-{'canonical' if forward == 'canonical' and supports(model.body) else 'padded'}-{dtype}"
+    result: dict[str, Any] = {"model": str(args.model), "mode": mode, "files": {}}
     hits_all = 0.0
     pairs_all = 0
     all_examples: list[RankedExample] = []
@@ -247,7 +298,7 @@ def main(args: argparse.Namespace) -> int:
                 log.info("%s: skipped, --max-pairs %d reached", Path(path).name, max_pairs)
                 continue
         metrics, scores = evaluate_examples(
-            model, tok, examples, batch_tokens=args.batch_tokens, progress=not args.no_progress
+            model, tok, examples, batch_tokens=args.batch_tokens, progress=not args.no_progress, forward=forward
         )
         result["files"][Path(path).name] = metrics
         if metrics["pairs"]:
@@ -266,7 +317,7 @@ def main(args: argparse.Namespace) -> int:
     table = sys.stderr if args.json else sys.stdout  # with --json, stdout holds the JSON alone
     for name, m in result["files"].items():
         print(f"{name:45s} pairs {m['pairs']:6d}  accuracy {m['accuracy'] or float('nan'):.4f}", file=table)
-    print(f"{'all':45s} pairs {pairs_all:6d}  accuracy {result['accuracy'] or float('nan'):.4f}", file=table)
+    print(f"{'all':45s} pairs {pairs_all:6d}  accuracy {result['accuracy'] or float('nan'):.4f}  ({mode})", file=table)
     short = result["all"]["accuracy_when_better_is_shorter"]
     if short is not None:
         print(

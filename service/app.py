@@ -68,6 +68,7 @@ def create_app(
             share_prefixes=bool(getattr(runtime, "prefix_sharing", False)),
             min_prefix=settings.prefix_min_tokens,
             max_pad_ratio=settings.max_pad_ratio,
+            packed=bool(getattr(runtime, "packed", False)),
         )
         batcher.seed_rate(rate)
         batcher.start()

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from models.batching import length_batches, shared_prefix_batches
+from models.batching import length_batches, packed_batches, packed_cost, shared_prefix_batches
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class _Item:
 class Batcher:
     """Args:
     run_batch: blocking function scoring a list of token id lists (same order out).
-    max_batch_tokens: padded cost budget per pass (longest sequence x count).
+    max_batch_tokens: cost budget per pass: padded (longest sequence x count), or with `packed` real tokens.
     max_batch_size: most sequences per pass.
     max_wait_s: how long to wait for more work when fewer than a full batch are queued.
     max_queued: most sequences waiting; submit() beyond it raises QueueFull (a hard cap).
@@ -84,6 +84,8 @@ class Batcher:
     share_prefixes: the runtime computes a token prefix shared by sequences of one pass once (K
         answers to one prompt, within or across requests): keep such groups in one batch, costed at
         their prefix once plus each member's own tokens. `min_prefix` is the shortest prefix that counts.
+    packed: the runtime packs a pass without padding (the canonical forward): a pass costs its real
+        tokens, each distinct prompt once (`models.batching.packed_batches`); `max_pad_ratio` is unused.
     """
 
     def __init__(
@@ -99,7 +101,9 @@ class Batcher:
         min_prefix: int = 16,
         max_pad_ratio: float | None = 1.3,
         rate_smoothing: float = 0.2,
+        packed: bool = False,
     ) -> None:
+        self.packed = packed
         self._run_batch = run_batch
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
@@ -297,7 +301,9 @@ class Batcher:
     def _split(self, window: list[_Item]) -> list[list[_Item]]:
         """Sort by length, cut into batches under the token budget and size cap (keeping shared-prefix
         groups together when the runtime shares prefixes)."""
-        if self.share_prefixes:
+        if self.packed:
+            groups = packed_batches([i.seq for i in window], self.max_batch_tokens, self.max_batch_size)
+        elif self.share_prefixes:
             groups = shared_prefix_batches(
                 [i.seq for i in window],
                 self.max_batch_tokens,
@@ -366,10 +372,8 @@ class Batcher:
                 self._measured(sum(len(s) for s in seqs), end - since)
                 self._last_pass_end = end
                 if self._observer:
-                    longest = max(len(s) for s in seqs)
-                    self._observer.batch(
-                        len(seqs), sum(len(s) for s in seqs), longest * len(seqs), time.perf_counter() - t0
-                    )
+                    cost = packed_cost(seqs) if self.packed else max(len(s) for s in seqs) * len(seqs)
+                    self._observer.batch(len(seqs), sum(len(s) for s in seqs), cost, time.perf_counter() - t0)
                 for i, s in zip(live, scores, strict=True):
                     if not i.future.done():
                         i.future.set_result(s)

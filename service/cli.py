@@ -88,13 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--runtime",
         default=None,
         choices=["auto", "torch", "onnx"],
-        help="auto (default): the faster of torch fp32 and ONNX fp32 (when exported), measured once and cached",
+        help="auto (default): the fastest mode measured batch-invariant (torch canonical fp32, bf16 where native, "
+        "ONNX fp32 when exported), measured once and cached",
     )
     s.add_argument(
         "--dtype",
         default=None,
         choices=["auto", "float32", "bfloat16", "int8"],
-        help="auto (float32 on a CPU) | float32 | bfloat16 (not batch-invariant); int8 is refused with its reason",
+        help="auto (float32 on a CPU) | float32 | bfloat16 (batch-invariant with the canonical forward, and faster "
+        "only where bf16 is native); int8 is refused with its reason",
+    )
+    s.add_argument(
+        "--forward",
+        default=None,
+        choices=["canonical", "padded"],
+        help="torch: canonical (default; packed, a reward is the same bits alone or in any batch) | padded",
     )
     s.add_argument(
         "--device",

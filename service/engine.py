@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from models.batching import PromptSplit
 from models.formatting import Encoded, Formatter, FormattingError, TooLongError
 from service.batcher import Batcher, QueueFull, Reservation, Ticket
 from service.errors import InferenceFailed, InvalidRequest, Overloaded, PayloadTooLarge
@@ -335,7 +336,7 @@ class ScoringEngine:
     async def run(
         self, encoded: Sequence[Encoded], reservation: Reservation | None = None, ticket: Ticket | None = None
     ) -> Scored:
-        seqs = [e.ids for e in encoded]
+        seqs = [PromptSplit(e.ids, e.prompt_len) for e in encoded]  # the canonical forward splits at the prompt
         if self.log_texts:
             log.debug("scoring %d sequences: %s", len(seqs), [self.formatter.tokenizer.decode(s) for s in seqs])
         try:

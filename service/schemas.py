@@ -655,6 +655,17 @@ class RewardResponse(BaseModel):
     extra_logs: dict[str, Any] = Field(default_factory=dict)
 
 
+class ScoringMode(BaseModel):
+    """How rewards are computed: a reward is reproducible bit for bit only within one mode and CPU kind."""
+
+    name: str  # runtime-forward-dtype, e.g. torch-canonical-float32
+    runtime: str
+    forward: str  # canonical (packed, batch-invariant by construction) | padded
+    dtype: str
+    batch_invariant: bool | None  # a reward alone == in any batch, bit for bit (None: not measured)
+    cpu: str  # the machine kind the guarantee is for
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -663,6 +674,7 @@ class ModelCard(BaseModel):
     max_length: int
     dtype: str
     runtime: str
+    mode: ScoringMode | None = None
     normalization: dict[str, float] | None
     training: dict[str, Any]
 

@@ -24,6 +24,7 @@ def settings_from_args(args: argparse.Namespace) -> object:
             "model_format": getattr(args, "model_format", None),
             "runtime": args.runtime,
             "dtype": args.dtype,
+            "forward": getattr(args, "forward", None),
             "device": getattr(args, "device", None),
             "host": args.host,
             "port": args.port,

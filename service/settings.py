@@ -33,6 +33,13 @@ class Settings(BaseSettings):
         "asked (faster where native, but a reward then moves with its batch-mates); int8 is refused with its "
         "reason (dynamic int8 makes a reward depend on its batch-mates and reordered 30% of HH pairs)",
     )
+    forward: Literal["canonical", "padded"] = Field(
+        "canonical",
+        description="torch runtime: canonical = sequences packed without padding, per-sequence attention, linear "
+        "layers in fixed row tiles, each prompt computed once: a reward is the same bits alone or in any batch "
+        "(per machine kind and dtype); padded = right-padded batches (a reward moves with its batch-mates by "
+        "rounding). Families the canonical forward does not cover run padded",
+    )
     device: str = Field(
         "cpu",
         description="cpu, cuda or cuda:N (`rmserve serve --device`); a GPU asked where torch sees none is refused at "
@@ -50,10 +57,18 @@ class Settings(BaseSettings):
     )
     auth_open_routes: bool = Field(False, description="also require the key on /health, /ready and /metrics")
 
-    max_batch_tokens: int = Field(4096, ge=64, description="padded tokens (longest x count) per forward pass")
+    max_batch_tokens: int = Field(
+        4096,
+        ge=64,
+        description="tokens per forward pass: real tokens (each distinct prompt once, no padding) with the "
+        "canonical (packed) forward; padded tokens (longest x count) with the padded forward and ONNX",
+    )
     max_batch_size: int = Field(64, ge=1, description="sequences per forward pass")
     max_pad_ratio: float = Field(
-        1.3, ge=1.0, description="cut a pass early rather than let padding pass this ratio of its real tokens"
+        1.3,
+        ge=1.0,
+        description="padded forward and ONNX: cut a pass early rather than let padding pass this ratio of its real "
+        "tokens (a packed pass has no padding: unused there)",
     )
     max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits for more work once the model is idle")
     max_queued: int = Field(2048, ge=1, description="sequences waiting at most; beyond it 429 at once")

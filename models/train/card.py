@@ -63,6 +63,11 @@ def write_card(out: Path, training: dict[str, Any], history: list[dict[str, Any]
         "",
         "## Dev accuracy",
         "",
+        *(
+            [f"Scored in mode `{dev['mode']}` (the service's default forward in the dtype it serves).", ""]
+            if dev.get("mode")
+            else []
+        ),
         "| subset | pairs | accuracy |",
         "| --- | --- | --- |",
     ]

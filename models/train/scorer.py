@@ -193,4 +193,16 @@ def evaluate_dev(
     else:
         scores = score_encoded(model, dev, scorer.pad_id, batch_tokens=batch_tokens * 2, autocast_dtype=scorer.amp)
     model.train(was_training)
-    return metrics_from_scores([g.example for g in dev], scores)
+    out = metrics_from_scores([g.example for g in dev], scores)
+    out["mode"] = eval_mode(model, cached=id(dev) in scorer.cache)
+    return out
+
+
+def eval_mode(model: RewardModel, cached: bool) -> str:
+    """The scoring mode dev rewards were computed in (what the model card records)."""
+    from models.canonical import supports
+
+    dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(model.dtype, str(model.dtype))
+    if cached:
+        return f"frozen-layer cache ({dtype}, padded)"
+    return f"torch-{'canonical' if supports(model.body) else 'padded'}-{dtype}"

@@ -14,6 +14,8 @@ class OnnxRuntime:
     """
 
     name = "onnx"
+    forward = "padded"  # whole right-padded sequences; bit-for-bit batch invariance is measured, not built in
+    batch_invariant: bool | None = None  # as measured by `auto` (service.runtimes.mode_of), else unknown
 
     def __init__(self, session: Any, pad_id: int, dtype: str) -> None:
         self.session = session

@@ -61,8 +61,8 @@ def test_runtime_mixed_batch_with_and_without_sharing(llama_dir: Path) -> None:
     seqs = [f.encode(PROMPT, a).ids for a in ANSWERS] + [f.encode(other, a).ids for a in ANSWERS[:2]]
     seqs.append(f.encode("Hi", "Hello").ids)  # shares only the template's system header: too short a prefix
     seqs.append(f.encode_text("plain text with no template").ids)
-    on = TorchRuntime(model, tok.pad_token_id, prefix_sharing=True, min_prefix=8)
-    off = TorchRuntime(model, tok.pad_token_id, prefix_sharing=False)
+    on = TorchRuntime(model, tok.pad_token_id, forward="padded", prefix_sharing=True, min_prefix=8)
+    off = TorchRuntime(model, tok.pad_token_id, forward="padded", prefix_sharing=False)
     got, ref = on.score(seqs), off.score(seqs)
     assert got == pytest.approx(ref, abs=1e-4)
     assert on.shared_sequences >= len(ANSWERS) + 2 and off.shared_sequences == 0
@@ -81,8 +81,8 @@ def test_prompt_whose_tokens_merge_with_the_answer(tokenizer: Any, llama_dir: Pa
     seqs = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     groups, singles = group_shared_prefixes(seqs, min_prefix=4, min_saved=4)
     assert groups and sorted(i for _, g in groups for i in g) + sorted(singles) == sorted(range(3))
-    on = TorchRuntime(model, tok.pad_token_id, prefix_sharing=True, min_prefix=4)
-    off = TorchRuntime(model, tok.pad_token_id, prefix_sharing=False)
+    on = TorchRuntime(model, tok.pad_token_id, forward="padded", prefix_sharing=True, min_prefix=4)
+    off = TorchRuntime(model, tok.pad_token_id, forward="padded", prefix_sharing=False)
     assert on.score(seqs) == pytest.approx(off.score(seqs), abs=1e-4)
 
 
