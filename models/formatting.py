@@ -204,8 +204,12 @@ class RewardRule:
       - "eos" (OpenRLHF): the prompt rendered with the generation prompt, the answer, then eos: what its
         PPO sends to a remote reward model (openrlhf/utils/agent.py decodes the prompt and generated ids,
         eos included; openrlhf/cli/serve_rm.py tokenizes with add_special_tokens=False).
-      Without a chat template every rule scores the HH layout (`"\n\nHuman: q\n\nAssistant: a"`) then
-      eos, as TRL's `add_eos` and OpenRLHF's reward dataset append eos to plain text.
+      Without a chat template every rule scores the HH layout (`"\n\nHuman: q\n\nAssistant: a"`, a
+      system turn as `"\n\nSystem: s"`) then eos, as TRL's `add_eos` and OpenRLHF's reward dataset append
+      eos to plain text. Under "template" the ids the tokenizer adds to plain text (a BOS; an EOS its
+      post-processor appends after that eos) surround them, as TRL tokenizes plain text with
+      `processing_class(text=...)` (trl/data_utils.py `_tokenize`, special tokens on); OpenRLHF tokenizes
+      with add_special_tokens=False and rmserve adds none. Truncation never cuts those ids.
 
     `skip_id`: transformers' `*ForSequenceClassification.forward` reads the rightmost token that is not
     `config.pad_token_id` (transformers/modeling_layers.py `GenericForSequenceClassification`): trailing
@@ -288,6 +292,13 @@ class Formatter:
         self._piece_cache: dict[str, list[int]] = {}
         self._pads = [t for t in dict.fromkeys([tokenizer.pad_token, tokenizer.eos_token]) if t]
         self.markers = self._learn_markers() if self.has_template else None
+        # Plain text under the transformers (TRL) rule: TRL tokenizes it with the tokenizer's special tokens
+        # (trl/data_utils.py `_tokenize`: `processing_class(text=input)`), so the ids the post-processor puts
+        # around it (a Llama-2/Mistral BOS; an EOS some append) are part of the framework's text. Templated
+        # text carries its own (apply_chat_template tokenizes without them), OpenRLHF never adds them.
+        self._around: tuple[list[int], list[int]] = ([], [])
+        if not self.has_template and self.rule.close == "template":
+            self._around = _special_ids_around(tokenizer)
         if self.has_template and self.markers is None:
             log.warning("could not learn the chat template's role markers: templated text is scored as plain text")
 
@@ -496,10 +507,13 @@ class Formatter:
             layout = self._layout(roles[:first] + roles[starts[-1] :], n)
         # 2. Cut contents from their start: the answer down to what leaves the question its share.
         slots = [p for p in layout if isinstance(p, int)]
-        avail = self.max_length - sum(len(self._piece_ids(p)) for p in layout if isinstance(p, str))
-        if avail <= 0:  # the template's own text does not fit: keep the sequence's end
+        fixed = len(self._around[0]) + len(self._around[1])
+        avail = self.max_length - fixed - sum(len(self._piece_ids(p)) for p in layout if isinstance(p, str))
+        if avail <= 0:  # the template's own text does not fit: keep the sequence's end (and the leading specials)
             enc = self._assemble(layout, ids, {}, n, True)
-            return Encoded(self._end_at_read_token(enc.ids[-self.max_length :]), 0, True)
+            head = len(self._around[0])
+            body = enc.ids[head:][-(self.max_length - head) :]
+            return Encoded(self._end_at_read_token(enc.ids[:head] + body), 0, True)
         users = [s for s in slots if s < n and messages[s]["role"] == "user"]
         question = users[-1] if users else None
         q_len = len(ids[question]) if question is not None else 0
@@ -511,12 +525,16 @@ class Formatter:
         return self._assemble(layout, ids, keep, n, True)
 
     def _length(self, layout: Sequence[Piece], ids: Sequence[list[int]]) -> int:
-        return sum(len(self._piece_ids(p)) if isinstance(p, str) else len(ids[p]) for p in layout)
+        return (
+            len(self._around[0])
+            + len(self._around[1])
+            + sum(len(self._piece_ids(p)) if isinstance(p, str) else len(ids[p]) for p in layout)
+        )
 
     def _assemble(
         self, layout: Sequence[Piece], ids: Sequence[list[int]], keep: Mapping[int, int], n: int, truncated: bool
     ) -> Encoded:
-        out: list[int] = []
+        out: list[int] = list(self._around[0])
         prompt_len = 0
         for p in layout:
             if isinstance(p, str):
@@ -527,7 +545,7 @@ class Formatter:
             k = keep.get(p, len(ids[p]))
             if k:
                 out += ids[p][len(ids[p]) - k :]
-        out = self._end_at_read_token(out)
+        out = self._end_at_read_token(out + self._around[1])
         return Encoded(out, min(prompt_len, len(out)), truncated)
 
     def _end_at_read_token(self, ids: list[int]) -> list[int]:
@@ -655,10 +673,11 @@ class Formatter:
         content = self._strip_text(text).strip()
         if not content:
             raise FormattingError(f"{param} is empty after removing pad tokens and whitespace; give text", param)
-        eot = self._piece_ids(self.eot_token) if self.eot_token else []
+        head, tail = self._around
+        eot = (self._piece_ids(self.eot_token) if self.eot_token else []) + tail
         ids = self._content_ids(content)
-        if len(ids) + len(eot) <= self.max_length:
-            return Encoded(self._end_at_read_token(ids + eot), 0, False)
+        if len(head) + len(ids) + len(eot) <= self.max_length:
+            return Encoded(self._end_at_read_token(head + ids + eot), 0, False)
         if (truncation or self.truncation) == "error":
             partial = len(content) > self.max_length * _WINDOW_CHARS_PER_TOKEN
             raise TooLongError(
@@ -668,7 +687,8 @@ class Formatter:
                 len(ids) + len(eot),
                 self.max_length,
             )
-        return Encoded(self._end_at_read_token(ids[len(ids) + len(eot) - self.max_length :] + eot), 0, True)
+        keep = max(0, self.max_length - len(head) - len(eot))
+        return Encoded(self._end_at_read_token(head + ids[len(ids) - keep :] + eot), 0, True)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -707,6 +727,20 @@ def _rstrip_any(text: str, tokens: Sequence[str], whitespace: bool = True) -> st
                 text = text[: -len(t)]
         if text == before:
             return text
+
+
+def _special_ids_around(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """(ids before, ids after) that `tokenizer(text)` adds around plain text with its default
+    `add_special_tokens=True` (its post-processor: a BOS, an EOS), found by tokenizing a probe both ways.
+    ([], []) when it adds none, or when the probe's own ids are not found inside (logged)."""
+    probe = "Hello world"
+    bare = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    for i in range(len(full) - len(bare) + 1):
+        if full[i : i + len(bare)] == bare:
+            return full[:i], full[i + len(bare) :]
+    log.warning("could not tell which special tokens the tokenizer adds to plain text: none are added")
+    return [], []
 
 
 def _encoders(tokenizer: Any) -> tuple[Callable[[str], list[int]], Callable[[str], list[int]]]:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.backbone import BackboneError, sha256_file
+from models.checkpoints.files import make_readable
 from models.head import ScoreHead
 from models.reward_model import CONFIG_NAME, RewardConfig, RewardModel, read_config, read_json_object
 
@@ -109,6 +110,7 @@ def save_trained(
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     (out / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    make_readable(out)  # save_file writes 0600: readable by the container's uid too
     return out
 
 

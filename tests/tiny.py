@@ -31,10 +31,24 @@ def make_variant(name: str) -> Any:
       (Qwen2.5's template);
     - chatml_pad: the same with pad <|endoftext|> != eos; chatml_nopad: no pad token at all;
     - eos_alone: a ChatML template whose turns close with eos alone (no newline), pad == eos;
-    - plain / plain_nopad: no chat template (GPT-2 style), pad == eos, or no pad.
+    - plain / plain_nopad: no chat template (GPT-2 style), pad == eos, or no pad;
+    - plain_bos: no chat template, the tokenizer's post-processor adds BOS (<|im_start|>) to plain text
+      (Llama-2 / Mistral-base style), pad == eos; plain_bos_eos: it adds BOS and appends EOS;
+      plain_bos_eos_pad: the same with pad <|im_end|> != eos.
     Llama-3 headers closed by <|eot_id|> are tests/models/test_formatting.py `make_llama3_tokenizer`.
     """
     tok = make_tokenizer(chat_template=False) if name.startswith("plain") else make_tokenizer()
+    if name.startswith("plain_bos"):
+        from tokenizers import processors
+
+        tok.add_special_tokens({"bos_token": "<|im_start|>"})
+        bos, eos = tok.bos_token_id, tok.eos_token_id
+        with_eos = name.startswith("plain_bos_eos")
+        single = "<|im_start|> $A <|endoftext|>" if with_eos else "<|im_start|> $A"
+        specials = [("<|im_start|>", bos), ("<|endoftext|>", eos)] if with_eos else [("<|im_start|>", bos)]
+        tok._tokenizer.post_processor = processors.TemplateProcessing(single=single, special_tokens=specials)
+        if name.endswith("_pad"):
+            tok.pad_token = "<|im_end|>"
     if name == "chatml_pad":
         tok.pad_token = "<|endoftext|>"
     if name.endswith("nopad"):

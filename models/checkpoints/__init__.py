@@ -15,6 +15,7 @@ format a model came in. `check` does the same refusals without loading weights (
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -24,6 +25,12 @@ from models.checkpoints.files import CheckpointError, Found, inspect
 
 FORMATS: dict[str, ModuleType] = {"rmserve": rmserve, "openrlhf": openrlhf, "hf": hf}  # detection order
 FORMAT_NAMES = tuple(FORMATS)
+_RULES = {
+    "rmserve": "the answer closed by its end-of-turn token",
+    "openrlhf": "generation prompt + answer + eos",
+    "hf": "the whole chat template, the last non-pad token",
+}
+log = logging.getLogger(__name__)
 
 
 def detect(found: Found) -> str:
@@ -44,6 +51,21 @@ def _pick(model_dir: str | Path, format: str | None) -> tuple[Found, str]:
         return found, detect(found)
     if format not in FORMATS:
         raise CheckpointError(f"--model-format {format!r} is unknown; use auto, {', '.join(FORMAT_NAMES)}")
+    try:
+        detected: str | None = detect(found)
+    except CheckpointError:
+        detected = None
+    if detected is not None and detected != format:
+        log.warning(
+            "%s is detected as the %s format but --model-format %s was given: it is read and scored by the %s "
+            "rule (%s); drop --model-format (or use auto) to read it as %s",
+            found.dir,
+            detected,
+            format,
+            format,
+            _RULES[format],
+            detected,
+        )
     return found, format
 
 

@@ -122,16 +122,17 @@ def require_tokenizer(found: Found) -> None:
 
 
 def refuse_remote_code(found: Found) -> None:
-    """Checkpoints that need their own Python code (config.json `auto_map`) are refused, even with
-    --trust-remote-code: rmserve cannot know where such a model's forward reads its reward (ArmoRM,
-    InternLM2-reward compute it in their own code), and serving a guess would be a wrong reward."""
+    """Checkpoints that need their own Python code (config.json `auto_map`) are refused, whatever
+    `RMSERVE_TRUST_REMOTE_CODE` says (there is no --trust-remote-code flag): rmserve cannot know where such
+    a model's forward reads its reward (ArmoRM, InternLM2-reward compute it in their own code), and
+    serving a guess would be a wrong reward."""
     cfg = found.config or {}
     if cfg.get("auto_map"):
         classes = ", ".join(sorted({str(v) for v in cfg["auto_map"].values()}))
         raise CheckpointError(
-            f"{found.dir / HF_CONFIG} asks for the checkpoint's own Python code (auto_map: {classes}); rmserve does "
-            "not run remote code for reward models, with or without --trust-remote-code, because it cannot know "
-            "where that code reads the reward. Serve it with its own framework, or convert it to a transformers "
+            f"{found.dir / HF_CONFIG} asks for the checkpoint's own Python code (auto_map: {classes}); rmserve never "
+            "runs a reward checkpoint's own code (no setting changes that), because it cannot know where that code "
+            "reads the reward. Serve it with its own framework, or convert it to a transformers "
             "*ForSequenceClassification (num_labels 1) directory"
         )
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from models.backbone import auto_dtype, default_home, sha256_file
+from models.checkpoints.files import make_readable
 from models.data import ReadStats, read_files, split_dev
 from models.evaluate import EncodedExample, encode_examples
 from models.formatting import Formatter
@@ -319,6 +320,7 @@ def finish(
         save_trained(
             *shipped, model.config, out / TRAINED_DIR, method=cfg.method, dtype=getattr(torch, cfg.trained_dtype)
         )
+    make_readable(out)  # everything written above (trained/ shards: safetensors writes 0600), for other uids
     log.info("wrote %s (dev accuracy %s)", out, dev_metrics.get("accuracy"))
 
 

@@ -51,6 +51,9 @@ HF_CASES = [
     ("gpt_neox", "chatml_pad"),
     ("gpt2", "plain"),  # no chat template, pad == eos
     ("gpt2", "plain_nopad"),
+    ("llama", "plain_bos"),  # no chat template, the tokenizer adds BOS to plain text (TRL keeps it)
+    ("mistral", "plain_bos_eos"),  # ... and appends EOS: TRL's text is then text + eos + the appended eos
+    ("qwen2", "plain_bos_eos_pad"),  # the same with pad != eos: the appended EOS is the read token
 ]
 MEASURED: dict[str, float] = {}  # "format family variant" -> largest |difference|, printed at the end
 
@@ -195,7 +198,12 @@ def openrlhf_text(tok: Any, prompt: Any, answer: str) -> str:
 
 @pytest.mark.parametrize(
     ("family", "variant", "prefix"),
-    [("llama", "chatml", "score"), ("qwen2", "chatml_pad", "value_head"), ("gpt2", "plain", "score")],
+    [
+        ("llama", "chatml", "score"),
+        ("qwen2", "chatml_pad", "value_head"),
+        ("gpt2", "plain", "score"),
+        ("llama", "plain_bos", "score"),  # OpenRLHF tokenizes with add_special_tokens=False: no BOS
+    ],
 )
 def test_openrlhf_checkpoint_scores_as_openrlhf(
     tmp_path: Path, serve: Any, family: str, variant: str, prefix: str
@@ -322,7 +330,7 @@ BAD = {
     "labels3": "num_labels 3",
     "no_tokenizer": "has no tokenizer",
     "corrupt": "model.safetensors is corrupt",
-    "remote_code": "auto_map: modeling_rm.CustomRewardModel.*does not run remote code",
+    "remote_code": "auto_map: modeling_rm.CustomRewardModel.*never runs a reward checkpoint's own code",
     "pickle": "pytorch_model.bin: pickle files",
 }
 
@@ -342,6 +350,7 @@ def test_bad_checkpoints_are_refused_before_serving(tmp_path: Path, llama_dir: P
         # `rmserve serve` refuses before binding a port: exit status 2 and the message
         assert main(["serve", "--model", str(dirs[name]), "--port", "1"]) == 2
         assert "error:" in capsys.readouterr().err
+    assert "--trust-remote-code" not in messages_seen["remote_code"]  # no such flag exists
     print(json.dumps(messages_seen, indent=1))
 
 
@@ -472,3 +481,23 @@ def test_zz_print_measured() -> None:
     print("\nlargest |rmserve - framework| per case:")
     for k, v in MEASURED.items():
         print(f"  {k}: {v:.2e}")
+
+
+def test_forcing_another_format_than_detected_warns(tmp_path: Path, caplog: Any) -> None:
+    """`--model-format openrlhf` on a folder detected as a transformers (TRL) checkpoint is honoured, with
+    a WARNING naming both formats; forcing the detected format (or auto) says nothing."""
+    from models import checkpoints
+
+    tok = make_variant("chatml")
+    make_seq_cls("llama", len(tok), tok.pad_token_id).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    for fmt in ("hf", "auto", None):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="models.checkpoints"):
+            assert checkpoints.check(tmp_path, fmt) == "hf"
+        assert not caplog.records
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="models.checkpoints"):
+        assert checkpoints.check(tmp_path, "openrlhf") == "openrlhf"
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "detected as the hf format but --model-format openrlhf" in warned[0], warned

@@ -527,3 +527,32 @@ def test_every_rule_keeps_the_guarantees(family: tuple[str, Any], rule_name: str
     cut = short.encode("What is the capital of France?", "Paris is nice. " * 40 + "The end.")
     assert cut.truncated and len(cut.ids) <= 48
     assert tok.decode(cut.ids).count("France?") == 1 and "The end." in tok.decode(cut.ids)
+
+
+@pytest.mark.parametrize("variant", ["plain", "plain_bos", "plain_bos_eos", "plain_bos_eos_pad"])
+@pytest.mark.parametrize("rule_name", sorted(RULES))
+def test_plain_text_special_tokens_per_rule(variant: str, rule_name: str) -> None:
+    """Without a chat template, the hf (TRL) rule scores `tokenizer(hh + eos)` with the tokenizer's own
+    special tokens (trl/data_utils.py `_tokenize` calls `processing_class(text=...)`), OpenRLHF tokenizes with
+    add_special_tokens=False (serve_rm.py, reward_dataset.py), rmserve's own rule adds none either. The
+    BOS the post-processor adds is kept under truncation and never doubled; a BOS string in content is text."""
+    tok = make_variant(variant)
+    rule = RULES[rule_name](tok)
+    f = Formatter(tok, max_length=512, rule=rule)
+    q, answer = "What is the capital of France?", "Paris."
+    text = f"\n\nHuman: {q}\n\nAssistant: {answer}" + tok.eos_token
+    expect = list(tok(text, add_special_tokens=rule.close == "template")["input_ids"])
+    while rule.skip_id is not None and expect[-1] == rule.skip_id:
+        expect = expect[:-1]
+    clean = f.encode(q, answer).ids
+    assert clean == expect
+    adds_bos = variant.startswith("plain_bos") and rule.close == "template"
+    assert (clean[0] == tok.bos_token_id) == adds_bos
+    assert f.encode_text(text).ids == clean  # /get_reward on the framework's text
+    assert f.encode(f"  {q}\n", f"\n {answer} ").ids == clean
+    injected = f.encode(q, tok.bos_token + " " + answer).ids  # a BOS string in content is text
+    assert injected.count(tok.bos_token_id) == clean.count(tok.bos_token_id)
+    short = Formatter(tok, max_length=24, rule=rule)
+    for cut in (short.encode(q, "Paris is nice. " * 40 + "The end."), short.encode_text("Paris is nice. " * 40)):
+        assert cut.truncated and len(cut.ids) <= 24
+        assert (cut.ids[0] == tok.bos_token_id) == adds_bos

@@ -338,3 +338,25 @@ def test_plain_scorer_runs_length_chunks_with_the_same_rewards(llama_dir: Path) 
         ids, mask = collate(seqs, tok.pad_token_id, "right", torch.device("cpu"))
         ref = model(ids, mask).tolist()
     assert got == pytest.approx(ref, abs=1e-5)
+
+
+@pytest.mark.parametrize("method", ["full", "top-n"])
+def test_training_output_is_world_readable(tmp_path: Path, llama_dir: Path, syn: Path, method: str) -> None:
+    """Every folder rmserve train writes is 0755 and every file 0644 at least (trained/ shards included:
+    safetensors writes 0600), so the README's read-only mount with the image's uid 10001 can read it."""
+    extra = ["--top-n", "1"] if method == "top-n" else []
+    out = _train(llama_dir, syn, tmp_path / "rm", "--method", method, "--max-steps", "2", *extra)
+    paths = [out, *out.rglob("*")]
+    if method == "top-n":
+        assert (out / "trained" / "trained-00000.safetensors").is_file()
+    bad = [
+        f"{p.relative_to(out)} {oct(p.stat().st_mode & 0o777)}"
+        for p in paths
+        if p.is_dir() and p.stat().st_mode & 0o755 != 0o755
+    ]
+    bad += [
+        f"{p.relative_to(out)} {oct(p.stat().st_mode & 0o777)}"
+        for p in paths
+        if p.is_file() and p.stat().st_mode & 0o644 != 0o644
+    ]
+    assert not bad, bad
