@@ -191,11 +191,27 @@ def evaluate_dev(
                     per.setdefault(g, []).append(r)
         scores = [per[g] for g in range(len(dev))]
     else:
-        scores = score_encoded(model, dev, scorer.pad_id, batch_tokens=batch_tokens * 2, autocast_dtype=scorer.amp)
+        scores = score_encoded(
+            model,
+            dev,
+            scorer.pad_id,
+            batch_tokens=batch_tokens * 2,
+            autocast_dtype=scorer.amp,
+            forward="padded" if is_sharded(model) else "canonical",
+        )
     model.train(was_training)
     out = metrics_from_scores([g.example for g in dev], scores)
     out["mode"] = eval_mode(model, cached=id(dev) in scorer.cache)
     return out
+
+
+def is_sharded(model: RewardModel) -> bool:
+    """True when FSDP has sharded the model (its parameters are DTensors). The canonical forward calls
+    the body's modules outside FSDP's root hooks, which would meet sharded weights, so a sharded model's
+    dev rewards go through the wrapped model's own (padded) forward."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def eval_mode(model: RewardModel, cached: bool) -> str:
@@ -205,4 +221,5 @@ def eval_mode(model: RewardModel, cached: bool) -> str:
     dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(model.dtype, str(model.dtype))
     if cached:
         return f"frozen-layer cache ({dtype}, padded)"
-    return f"torch-{'canonical' if supports(model.body) else 'padded'}-{dtype}"
+    canonical = supports(model.body) and not is_sharded(model)
+    return f"torch-{'canonical' if canonical else 'padded'}-{dtype}"
