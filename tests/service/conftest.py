@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import socket
 import threading
 import time
@@ -72,3 +73,16 @@ def live_server(settings: Settings, runtime_wrapper: Any = None) -> Iterator[str
     finally:
         server.should_exit = True
         th.join(30)
+
+
+@contextmanager
+def frozen_heap() -> Iterator[None]:
+    """The test process's heap (the whole suite's objects, torch's) left out of garbage collection while
+    it lasts: the server runs in a thread of this process, and a full collection of that heap (0.1-0.9 s,
+    measured under pytest) stalls its event loop, which a server process of its own does not see."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()

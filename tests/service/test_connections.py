@@ -7,7 +7,6 @@ a counted JSON error."""
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import re
@@ -24,7 +23,7 @@ import httpx
 import pytest
 
 from service.settings import Settings
-from tests.service.conftest import live_server
+from tests.service.conftest import frozen_heap, live_server
 
 PROBE_S = 0.1  # the issue's bound on /health while under attack
 
@@ -120,19 +119,6 @@ class Prober:
         if self.proc.stdin is not None:
             self.proc.stdin.close()
         self.proc.wait(10)
-
-
-@contextmanager
-def frozen_heap() -> Iterator[None]:
-    """The test process's heap (the whole suite's objects, torch's) left out of garbage collection while
-    it lasts: the server runs in a thread of this process, and a full collection of that heap (0.1-0.9 s,
-    measured under pytest) stalls its event loop, which a server process of its own does not see."""
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 @contextmanager

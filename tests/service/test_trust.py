@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.settings import Settings
-from tests.service.conftest import live_server
+from tests.service.conftest import frozen_heap, live_server
 
 QUESTION = "How do I bake bread?"
 ANSWER = "Mix flour, water, yeast and salt, then knead and bake."
@@ -150,7 +150,7 @@ def test_huge_prompt_is_formatted_fast_off_the_event_loop(rm_dir: Any) -> None:
         {"role": "user" if i % 2 == 0 else "assistant", "content": f"Message number {i} about bread and yeast."}
         for i in range(799)
     ]
-    with live_server(Settings(model=str(rm_dir), max_messages=1000)) as url:
+    with frozen_heap(), live_server(Settings(model=str(rm_dir), max_messages=1000)) as url:
         health_times: list[float] = []
         stop = threading.Event()
 
