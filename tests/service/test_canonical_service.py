@@ -73,7 +73,7 @@ def test_auto_picks_the_fastest_mode_measured_invariant(rm_dir: Path, tmp_path: 
     shutil.copytree(rm_dir, d)
     (d / ONNX_FP32).write_bytes(b"not measured for real here")
     measured = {"torch": (1.0, 0.0), "onnx": (0.5, 3e-6)}
-    s = Settings(model=str(d))
+    s = Settings(model=str(d), runtime="auto", dtype="auto")  # named: RMSERVE_DTYPE in the environment must not decide
     assert choose_runtime(s, d, lambda _s, _d, r, _t: measured[r]) == ("torch", "float32")
     cached = json.loads((d / AUTO_CACHE).read_text())
     assert cached["alone_vs_batch"] == {"torch:float32": 0.0, "onnx:float32": 3e-6}
