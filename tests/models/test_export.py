@@ -83,15 +83,46 @@ def test_service_on_onnx_runtime(exported: Path) -> None:
         assert m["runtime"] == "onnx" and m["dtype"] == "float32"
 
 
-def test_auto_runtime_picks_the_faster_measured_candidate_and_caches_it(exported: Path, rm_dir: Path) -> None:
+def test_auto_runtime_candidates_follow_native_bf16(
+    exported: Path, rm_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Canonical bf16 is an `auto` candidate only where the CPU computes bf16 natively; an explicit
+    dtype or forward is kept as asked on either kind."""
+    import service.runtimes as runtimes
+    from service.runtimes import candidates
+    from service.settings import Settings
+
+    s = Settings(model=str(exported), runtime="auto", dtype="auto")
+    monkeypatch.setattr(runtimes, "native_bf16", lambda: True)
+    assert candidates(s, exported) == [("torch", "float32"), ("torch", "bfloat16"), ("onnx", "float32")]
+    assert candidates(Settings(model=str(rm_dir), runtime="auto", dtype="auto"), rm_dir) == [
+        ("torch", "float32"),
+        ("torch", "bfloat16"),
+    ]
+    padded = Settings(model=str(exported), runtime="auto", dtype="auto", forward="padded")
+    assert candidates(padded, exported) == [("torch", "float32"), ("onnx", "float32")]  # padded bf16 varies
+    assert candidates(Settings(model=str(exported), dtype="float32"), exported) == [
+        ("torch", "float32"),
+        ("onnx", "float32"),
+    ]
+    monkeypatch.setattr(runtimes, "native_bf16", lambda: False)
+    assert candidates(s, exported) == [("torch", "float32"), ("onnx", "float32")]
+
+
+def test_auto_runtime_picks_the_faster_measured_candidate_and_caches_it(
+    exported: Path, rm_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import json
 
     from fastapi.testclient import TestClient
 
+    import service.runtimes as runtimes
     from service.app import create_app
     from service.runtimes import AUTO_CACHE, candidates, choose_runtime
     from service.settings import Settings
 
+    # the CPU kind must not change the test: bf16 candidates are tested in the test above
+    monkeypatch.setattr(runtimes, "native_bf16", lambda: False)
     # explicit auto: RMSERVE_RUNTIME / RMSERVE_DTYPE in the environment must not change the test
     s = Settings(model=str(exported), runtime="auto", dtype="auto")
     assert candidates(s, exported) == [("torch", "float32"), ("onnx", "float32")]

@@ -60,24 +60,40 @@ def test_32_concurrent_clients_get_the_bits_of_each_pair_alone(rm_dir: Path, dty
     assert count > le1  # passes of several sequences did run
 
 
-def test_auto_picks_the_fastest_mode_measured_invariant(rm_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("native", [False, True], ids=["no-native-bf16", "native-bf16"])
+def test_auto_picks_the_fastest_mode_measured_invariant(
+    rm_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
     """A faster candidate whose rewards moved with their batch-mates is not picked; the measurement is
-    cached with each candidate's alone-vs-batch difference and the card's mode reports it."""
+    cached with each candidate's alone-vs-batch difference and the card's mode reports it. Both CPU
+    kinds are tested on any machine: where bf16 is native (AMX / AVX512-BF16) canonical bf16 is a
+    candidate too, elsewhere it is not (emulated bf16 is slower)."""
     import json
     import shutil
 
+    import service.runtimes as runtimes
     from models.export import ONNX_FP32
     from service.runtimes import AUTO_CACHE, choose_runtime, measured_invariance
 
+    monkeypatch.setattr(runtimes, "native_bf16", lambda: native)
     d = tmp_path / "m"
     shutil.copytree(rm_dir, d)
     (d / ONNX_FP32).write_bytes(b"not measured for real here")
-    measured = {"torch": (1.0, 0.0), "onnx": (0.5, 3e-6)}
+    # seconds, alone-vs-batch difference per candidate; bf16 fastest but (here) not invariant
+    measured = {"torch:float32": (1.0, 0.0), "torch:bfloat16": (0.3, 1e-3), "onnx:float32": (0.5, 3e-6)}
+
+    def timer(_s: Settings, _d: Path, r: str, t: str) -> tuple[float, float]:
+        return measured[f"{r}:{t}"]
+
     s = Settings(model=str(d), runtime="auto", dtype="auto")  # named: RMSERVE_DTYPE in the environment must not decide
-    assert choose_runtime(s, d, lambda _s, _d, r, _t: measured[r]) == ("torch", "float32")
+    assert choose_runtime(s, d, timer) == ("torch", "float32")
     cached = json.loads((d / AUTO_CACHE).read_text())
-    assert cached["alone_vs_batch"] == {"torch:float32": 0.0, "onnx:float32": 3e-6}
+    expected = {"torch:float32": 0.0, "onnx:float32": 3e-6} | ({"torch:bfloat16": 1e-3} if native else {})
+    assert cached["alone_vs_batch"] == expected
     assert measured_invariance(d, "onnx", "float32") == 3e-6
     (d / AUTO_CACHE).unlink()
-    measured["onnx"] = (0.5, 0.0)  # invariant and faster: picked
-    assert choose_runtime(s, d, lambda _s, _d, r, _t: measured[r]) == ("onnx", "float32")
+    measured["onnx:float32"] = (0.5, 0.0)  # invariant and faster: picked
+    assert choose_runtime(s, d, timer) == ("onnx", "float32")
+    (d / AUTO_CACHE).unlink()
+    measured["torch:bfloat16"] = (0.3, 0.0)  # invariant and fastest: picked where bf16 is native, else not a candidate
+    assert choose_runtime(s, d, timer) == (("torch", "bfloat16") if native else ("onnx", "float32"))
