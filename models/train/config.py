@@ -38,7 +38,8 @@ class TrainConfig:
     batch_tokens: int = 4096  # padded tokens (longest x count) per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     dev_fraction: float = 0.05  # share of prompts held out for dev (deterministic hash split)
-    dev_max: int = 0  # evaluate only the first N dev examples, during training and at the end (0 = all)
+    dev_max: int = 0  # evaluate only N dev examples, taken in turn from each subset (0 = all)
+    time_limit: float = 0.0  # end the training loop after this many seconds (0 = none), then evaluate and save
     train_max: int = 0  # keep a seeded sample of this many training prompts (0 = all), for CPU budgets
     eval_every: int = 0  # dev evaluation every N steps (0 = only at the end)
     save_every: int = 50  # checkpoint every N steps (for --resume)
@@ -100,7 +101,19 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-tokens", type=int, default=d.batch_tokens, help="padded tokens per micro-batch")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum)
     p.add_argument("--dev-fraction", type=float, default=d.dev_fraction)
-    p.add_argument("--dev-max", type=int, default=d.dev_max, help="evaluate only the first N dev examples (0 = all)")
+    p.add_argument(
+        "--dev-max",
+        type=int,
+        default=d.dev_max,
+        help="evaluate only N dev examples, taken in turn from each subset (0 = all)",
+    )
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=d.time_limit,
+        help="seconds: end the training loop after this long (the schedule still runs to --epochs/--max-steps), "
+        "then evaluate and save as at the end; for equal-time recipe comparisons (0 = none)",
+    )
     p.add_argument(
         "--train-max",
         type=int,
@@ -195,5 +208,7 @@ def check_config(cfg: TrainConfig) -> None:
             "--gradient-checkpointing and --prefix-sharing on do not combine: the shared-prefix pass keeps a KV "
             "cache, which transformers turns off under gradient checkpointing; drop one of them"
         )
+    if cfg.time_limit < 0:
+        raise ValueError(f"--time-limit is {cfg.time_limit}; it must be >= 0 (seconds; 0 = none)")
     if cfg.early_stopping_patience and not cfg.eval_every:
         raise ValueError("--early-stopping-patience needs dev evaluations during training: give --eval-every N")

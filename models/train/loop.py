@@ -117,6 +117,7 @@ class Loop:
         self.memory: dict[str, int] | None = None  # bytes per rank, measured after the first step
         self.early = EarlyStopping(cfg.early_stopping_patience) if cfg.early_stopping_patience else None
         self.stop = False  # set by early stopping
+        self.time_limited = False  # set when --time-limit ended the loop
         # dev evaluation: rank 0 alone, except under FSDP where every rank holds a shard of the model
         self.evaluates = self.is_main or self.dist.fsdp
 
@@ -160,6 +161,18 @@ class Loop:
             self._after_step(rec, out)
             if self.stop:
                 break
+            if cfg.time_limit and time.time() - t_loop >= cfg.time_limit and self.step < self.total_steps:
+                log.info(
+                    "time limit: %.0f s of training reached at step %d of %d",
+                    cfg.time_limit,
+                    self.step,
+                    self.total_steps,
+                )
+                self.time_limited = True
+                if self.early is not None and self.evaluates and self.dev and "dev" not in rec:
+                    rec["dev"] = evaluate_dev(self.model, self.dev, self.scorer, cfg.batch_tokens)
+                    self.early.update(self.model, rec["dev"]["accuracy"] or 0.0, self.step)
+                break
             if cfg.halt_after and self.step >= cfg.halt_after:
                 log.warning("halting after step %d as asked (--halt-after)", self.step)
                 halted = True
@@ -191,7 +204,12 @@ class Loop:
             self.early.best_step,
             self.early.best,
         )
-        return {"best_step": self.early.best_step, "best_accuracy": self.early.best, "stopped": self.stop}
+        return {
+            "best_step": self.early.best_step,
+            "best_accuracy": self.early.best,
+            "stopped": self.stop,
+            "time_limited": self.time_limited,
+        }
 
     def _optimizer_step(self, stream: Iterator[tuple[int, int]]) -> dict[str, Any] | None:
         """Forward and backward over this rank's share of the step's micro-batches, then one

@@ -72,8 +72,23 @@ def load_data(cfg: TrainConfig, formatter: Formatter) -> TrainData:
     if cfg.train_max and len(train_ex) > cfg.train_max:
         keep = sorted(random.Random(cfg.seed).sample(range(len(train_ex)), cfg.train_max))
         train_ex = [train_ex[i] for i in keep]
-    dev_ex = dev_ex[: cfg.dev_max] if cfg.dev_max else dev_ex
+    dev_ex = spread_take(dev_ex, cfg.dev_max) if cfg.dev_max else dev_ex
     return TrainData(encode_examples(formatter, train_ex), encode_examples(formatter, dev_ex), read_stats)
+
+
+def spread_take(examples: Sequence[Any], n: int) -> list[Any]:
+    """The first `n` of `examples` taken in turn from each subset (in file order within a subset), so a
+    small fixed dev sample covers every subset instead of the first file alone; order kept as read."""
+    by_subset: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_subset.setdefault(ex.subset, []).append(i)
+    queues = [list(reversed(v)) for v in by_subset.values()]
+    picked: list[int] = []
+    while len(picked) < n and any(queues):
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(q.pop())
+    return [examples[i] for i in sorted(picked)]
 
 
 def balanced_order(groups: Sequence[EncodedExample], seed: int) -> list[int]:
@@ -278,6 +293,8 @@ def _train(cfg: TrainConfig, dist: Distributed) -> Path:
     }
     if result.early_stopping is not None:
         record["early_stopping"] = result.early_stopping
+    if loop.time_limited:
+        record["time_limited"] = {"seconds": cfg.time_limit, "step": result.steps, "of_steps": loop.total_steps}
     finish(cfg, model, tok, scorer, data, result, record)
     remove_checkpoint(out)
     return out
