@@ -23,6 +23,9 @@ BUILT_MARKER = "rmserve-default.json"
 # (the same with transformers 5.17 and 5.24): the backbone the default model was trained on.
 BACKBONE_FINGERPRINT = "3ac0c172da6bdd046b558c2f12d0adaa20eba5c9bd3bd656ecf4f7a2e6d30912"
 SHIPPED_EXTRAS = ("MODEL_CARD.md", "metrics.json")
+# What an assembled directory looks like; an assembly of an older layout is rebuilt. 2: the saved chat
+# template ends an answered conversation at the token rmserve reads (issue 30).
+LAYOUT = 2
 
 
 def default_model_dir() -> Path:
@@ -37,7 +40,8 @@ def _built(out_dir: Path, manifest_sha: str) -> bool:
     if not marker.is_file():
         return False
     try:
-        if json.loads(marker.read_text()).get("manifest_sha256") != manifest_sha:
+        built = json.loads(marker.read_text())
+        if built.get("manifest_sha256") != manifest_sha or built.get("layout", 1) != LAYOUT:
             return False
         check_model_dir(out_dir)
     except (json.JSONDecodeError, ModelDirError):
@@ -76,7 +80,11 @@ def build_default(out: str | Path | None = None, backbone: str | Path | None = N
     for png in SHIPPED.glob("*.png"):
         shutil.copy2(png, out_dir / png.name)
     (out_dir / BUILT_MARKER).write_text(
-        json.dumps({"manifest_sha256": manifest_sha, "backbone": str(bb), "backbone_fingerprint": fp}, indent=2) + "\n"
+        json.dumps(
+            {"manifest_sha256": manifest_sha, "layout": LAYOUT, "backbone": str(bb), "backbone_fingerprint": fp},
+            indent=2,
+        )
+        + "\n"
     )
     return out_dir
 

@@ -289,6 +289,7 @@ class Formatter:
         self.eot_token: str | None = tokenizer.eos_token
         self.eot_id: int | None = tokenizer.eos_token_id
         self._encode_template, self._encode_content = _encoders(tokenizer)
+        self._encode_whole, self._control_ids = _whole_encoder(tokenizer)
         self._piece_cache: dict[str, list[int]] = {}
         self._pads = [t for t in dict.fromkeys([tokenizer.pad_token, tokenizer.eos_token]) if t]
         self.markers = self._learn_markers() if self.has_template else None
@@ -479,7 +480,7 @@ class Formatter:
         layout = self._layout(roles, n, prompt_param)
         total = self._length(layout, ids)
         if total <= self.max_length:
-            return self._assemble(layout, ids, {}, n, False)
+            return self._assemble(layout, ids, {}, n, False, contents)
         if truncation == "error":
             partial = any(len(c) > self.max_length * _WINDOW_CHARS_PER_TOKEN for c in contents)
             raise TooLongError(
@@ -502,7 +503,7 @@ class Formatter:
             else:
                 lo = mid + 1
         if best is not None:
-            return self._assemble(best, ids, {}, n, True)
+            return self._assemble(best, ids, {}, n, True, contents)
         if starts:
             layout = self._layout(roles[:first] + roles[starts[-1] :], n)
         # 2. Cut contents from their start: the answer down to what leaves the question its share.
@@ -532,8 +533,26 @@ class Formatter:
         )
 
     def _assemble(
-        self, layout: Sequence[Piece], ids: Sequence[list[int]], keep: Mapping[int, int], n: int, truncated: bool
+        self,
+        layout: Sequence[Piece],
+        ids: Sequence[list[int]],
+        keep: Mapping[int, int],
+        n: int,
+        truncated: bool,
+        contents: Sequence[str] | None = None,
     ) -> Encoded:
+        """The ids of `layout` with each content slot's ids (cut to its last `keep[slot]`).
+
+        With `contents` (no content is cut), the text is tokenized as ONE string, as the frameworks do
+        (`apply_chat_template(..., tokenize=True)`, TRL, OpenRLHF): a tokenizer's pre-tokenizer may
+        split or merge across a template/content boundary (SmolLM2's splits `"\n\n"` before a letter
+        in two; a space before a word joins it), and then only the whole-text ids are the framework's.
+        Those ids are used unless a content would produce a control token there (a special-token
+        string typed into text, which stays text: the piecewise ids), or they would pass `max_length`."""
+        if contents is not None and not keep:
+            whole = self._whole_text_ids(layout, contents, n)
+            if whole is not None:
+                return Encoded(whole[0], whole[1], truncated)
         out: list[int] = list(self._around[0])
         prompt_len = 0
         for p in layout:
@@ -547,6 +566,41 @@ class Formatter:
                 out += ids[p][len(ids[p]) - k :]
         out = self._end_at_read_token(out + self._around[1])
         return Encoded(out, min(prompt_len, len(out)), truncated)
+
+    def _whole_text_ids(self, layout: Sequence[Piece], contents: Sequence[str], n: int) -> tuple[list[int], int] | None:
+        """(ids, prompt length) of the layout's text tokenized as one string, or None (see `_assemble`).
+
+        The prompt length counts the tokens that end before the answer's first character, so the
+        prompt ids are an exact prefix of the ids."""
+        if self._encode_whole is None:
+            return None
+        spans: list[tuple[int, int]] = []
+        parts: list[str] = []
+        pos = answer_at = 0
+        for p in layout:
+            text = p if isinstance(p, str) else contents[p]
+            if not isinstance(p, str):
+                spans.append((pos, pos + len(text)))
+                if p == n:
+                    answer_at = pos
+            parts.append(text)
+            pos += len(text)
+        ids, offsets = self._encode_whole("".join(parts))
+        inside = iter(sorted(spans))
+        span = next(inside, None)
+        prompt_len = 0
+        for tid, (start, end) in zip(ids, offsets, strict=True):
+            while span is not None and span[1] <= start:
+                span = next(inside, None)
+            if tid in self._control_ids and span is not None and start < span[1] and end > span[0]:
+                return None  # a control token made from content: content is text, use the piecewise ids
+            if end <= answer_at:
+                prompt_len += 1
+        head, tail = self._around
+        out = self._end_at_read_token(head + ids + tail)
+        if len(out) > self.max_length:
+            return None
+        return out, min(len(head) + prompt_len, len(out))
 
     def _end_at_read_token(self, ids: list[int]) -> list[int]:
         """`ids` without the trailing ids the rule does not read (`RewardRule.skip_id`): they end at the
@@ -701,6 +755,81 @@ class Formatter:
         }
 
 
+CLOSING_MARK = "{#- rmserve: a conversation that ends with an assistant turn ends at its end-of-turn token -#}"
+
+
+def closing_template(tokenizer: Any) -> str | None:
+    """The tokenizer's chat template, wrapped so that a conversation ending with an assistant turn (no
+    generation prompt) renders up to and including the end-of-turn token that closes the answer and
+    nothing after it; every other rendering is unchanged. None when no wrapping is needed or possible
+    (no template, no eos, the template already ends there, or it is already wrapped), or when the wrapped
+    template fails the check below (a WARNING says so).
+
+    Why: rmserve's rule reads the reward at that token ("end_of_turn"). Templates add text after it
+    (ChatML's newline), and TRL's reward trainer, reward-bench and vLLM's pooling runner all score
+    `apply_chat_template(conversation + [answer])` at its last (non-pad) token. With this template in a
+    saved directory their text ends exactly at rmserve's read token, so they give rmserve's reward.
+
+    Check: on probe conversations the wrapped template renders exactly as the original (with and without
+    the generation prompt, ending with a user turn), and a conversation ending with an assistant turn
+    renders as the original cut after the answer's end-of-turn token."""
+    template = getattr(tokenizer, "chat_template", None)
+    eos = tokenizer.eos_token
+    if not isinstance(template, str) or not template or not eos or CLOSING_MARK in template:
+        return None
+    s = _SENTINEL.format
+    conv = [{"role": "user", "content": s(0)}, {"role": "assistant", "content": s(1)}]
+
+    def render(t: str, messages: list[dict[str, str]], gen: bool = False) -> str:
+        return str(tokenizer.apply_chat_template(messages, chat_template=t, tokenize=False, add_generation_prompt=gen))
+
+    try:
+        full = render(template, conv)
+    except Exception as e:  # a template that refuses the probe: leave it as it is
+        log.warning("chat template not wrapped: it refused a probe conversation (%s)", e)
+        return None
+    at = full.rfind(s(1))
+    if at < 0:
+        return None
+    tail = full[at + len(s(1)) :]
+    cut = tail[: tail.find(eos) + len(eos)] if eos in tail else tail + eos
+    if cut == tail:
+        return None
+    lit = json.dumps  # a Jinja string literal (JSON's escapes are Jinja's)
+    wrapped = (
+        CLOSING_MARK
+        + "{% set _rmserve_rendered %}"
+        + template
+        + "{% endset %}"
+        + "{%- if messages and messages[-1]['role'] == 'assistant' and not add_generation_prompt and "
+        + f"_rmserve_rendered.endswith({lit(tail)}) -%}}"
+        + f"{{{{ _rmserve_rendered[:(_rmserve_rendered|length) - {len(tail)}] ~ {lit(cut)} }}}}"
+        + "{%- else -%}{{ _rmserve_rendered }}{%- endif -%}"
+    )
+    probes = [
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Bye"},
+        ],
+    ]
+    try:
+        same = all(render(wrapped, m, g) == render(template, m, g) for m in probes for g in (False, True))
+        for m in probes:
+            answered = [*m, {"role": "assistant", "content": "Fine."}]
+            want = render(template, answered)
+            same = same and want.endswith(tail) and render(wrapped, answered) == want[: len(want) - len(tail)] + cut
+    except Exception as e:
+        log.warning("chat template not wrapped: the wrapped template failed to render (%s)", e)
+        return None
+    if not same:
+        log.warning("chat template not wrapped: the wrapped template did not render as the original does")
+        return None
+    return wrapped
+
+
 def _lstrip_any(text: str, tokens: Sequence[str], whitespace: bool = True) -> str:
     """`text` without any run of `tokens` (and whitespace) at its start."""
     tokens = [t for t in tokens if t]
@@ -727,6 +856,28 @@ def _rstrip_any(text: str, tokens: Sequence[str], whitespace: bool = True) -> st
                 text = text[: -len(t)]
         if text == before:
             return text
+
+
+def _whole_encoder(tokenizer: Any) -> tuple[Callable[[str], tuple[list[int], list[tuple[int, int]]]] | None, set[int]]:
+    """(text -> (ids, character offsets) with control tokens matched, as apply_chat_template tokenizes;
+    the ids of the tokenizer's added and special tokens). (None, set()) for a slow tokenizer (no offsets):
+    its ids are always built piecewise."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None, set()
+    from tokenizers import Tokenizer
+
+    whole = Tokenizer.from_str(backend.to_str())
+    whole.no_truncation()
+    whole.no_padding()
+    control = {int(i) for i in backend.get_added_tokens_decoder()}
+    control |= {int(i) for i in getattr(tokenizer, "all_special_ids", []) or [] if i is not None}
+
+    def encode(text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        enc = whole.encode(text, add_special_tokens=False)
+        return list(enc.ids), [tuple(o) for o in enc.offsets]  # type: ignore[misc]
+
+    return encode, control
 
 
 def _special_ids_around(tokenizer: Any) -> tuple[list[int], list[int]]:

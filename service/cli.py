@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 log = logging.getLogger("rmserve")
 
@@ -48,7 +49,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from models.evaluate import main as eval_main
 
+    if args.dtype == "auto" and str(args.device or "cpu") == "cpu":
+        args.dtype = served_torch_dtype(args.model, getattr(args, "forward", "canonical"))
     return eval_main(args)
+
+
+def served_torch_dtype(model: str, forward: str) -> str:
+    """The dtype `rmserve serve` runs `model`'s torch runtime in on this CPU (its `auto` pick, measured
+    once and cached in the model directory): float32, or canonical bf16 where the CPU computes bf16
+    natively (AMX / AVX512-BF16) and it measured faster and bit-for-bit batch-invariant. So `rmserve
+    eval` reports the accuracy of the rewards the service serves here."""
+    from service.runtimes import choose_runtime
+    from service.settings import Settings
+
+    settings = Settings.model_validate(
+        {"model": model, "runtime": "torch", "dtype": "auto", "device": "cpu", "forward": forward}
+    )
+    dtype = choose_runtime(settings, Path(model))[1]
+    log.info("eval: dtype auto is %s here (what `rmserve serve` picks for this model on this CPU)", dtype)
+    return dtype
 
 
 def cmd_export(args: argparse.Namespace) -> int:

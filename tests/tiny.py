@@ -151,3 +151,87 @@ def make_seq_cls(kind: str, vocab_size: int, pad_token_id: int | None, seed: int
     with torch.no_grad():
         model.score.weight.normal_(0, 1.0)
     return model
+
+
+# -- chat-template siblings for parity with transformers (issue 30) ---------------------------------------
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+MISTRAL_TEMPLATE = (  # [INST] turns with spaces around contents, the answer closed by eos, a system turn as a prefix
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+GEMMA_TEMPLATE = (  # turns closed by <end_of_turn> + newline; eos (<eos>) is not in the template at all
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+PARITY_CORPUS = [
+    *CORPUS,
+    "First line.\n\nSecond line.\n\nThird line, and [INST] a question [/INST] an answer.",
+    "How do I bake bread?\n\nMix flour and water.\n\nKnead and bake. Hello there. Be brief.",
+    "A paragraph ends with a blank line.\n\n",  # a blank line at the end: "\n\n" becomes one token
+]
+
+
+def make_bpe(
+    specials: list[str], bos: str | None, eos: str, pad: str | None, template: str, regex: str | None = None
+) -> Any:
+    """A tiny byte-level BPE trained on a corpus with blank lines (so `"\\n\\n"` is one token), GPT-2's split
+    regex (SmolLM2's kind: a whitespace run before a letter splits as `"\\n" + "\\n"`) or `regex`, the given
+    special tokens and chat template; bos prepended by the post-processor to plain text when given."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    if regex is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=420, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(PARITY_CORPUS * 20, trainer=trainer)
+    if bos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad)
+    fast.chat_template = template
+    return fast
+
+
+def make_template_variant(name: str) -> Any:
+    """Templates and pad/eos choices where a framework's text and rmserve's could part (issue 30):
+
+    - llama3_pad_eos: Llama-3 headers, pad == eos == <|eot_id|> (what TRL saves when the tokenizer has no
+      pad), BOS written in the template text and also added to plain text by the post-processor, GPT-2's
+      split regex (`"\\n\\n"` before a word splits in two, as in SmolLM2's tokenizer);
+    - mistral_inst: `[INST] q [/INST] a</s>`, spaces between markers and contents, pad == eos == </s> inside
+      every earlier assistant turn;
+    - gemma_turns: `<start_of_turn>model\\n a<end_of_turn>\\n`, eos (<eos>) never in the template, pad <pad>;
+    - chatml_bytelevel: ChatML with pad == eos == <|im_end|> on the blank-line corpus.
+    Plus tests/tiny.py `make_variant`'s chatml, chatml_pad, chatml_nopad and eos_alone."""
+    if name == "llama3_pad_eos":
+        specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+        return make_bpe(specials, "<|begin_of_text|>", "<|eot_id|>", "<|eot_id|>", LLAMA3_TEMPLATE)
+    if name == "mistral_inst":
+        return make_bpe(["<unk>", "<s>", "</s>", "[INST]", "[/INST]"], "<s>", "</s>", "</s>", MISTRAL_TEMPLATE)
+    if name == "gemma_turns":
+        specials = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
+        return make_bpe(specials, "<bos>", "<eos>", "<pad>", GEMMA_TEMPLATE)
+    if name == "chatml_bytelevel":
+        return make_bpe(
+            ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", "<|im_end|>", CHATML_TEMPLATE
+        )
+    return make_variant(name)

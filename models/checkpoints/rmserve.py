@@ -38,7 +38,7 @@ from models.checkpoints.files import (
 )
 from models.checkpoints.hf import HEAD, build
 from models.checkpoints.metadata import CONFIG_NAME, HEAD_WEIGHTS, RewardConfig, read_config
-from models.formatting import RewardRule
+from models.formatting import RewardRule, closing_template
 from models.head import ScoreHead
 
 log = logging.getLogger(__name__)
@@ -176,6 +176,12 @@ def save(model: Any, tokenizer: Any, staging: Path) -> None:
         cfg.training = {**cfg.training, "head_bias_removed": b}
         log.info("head bias %.6g removed: raw rewards shift by it, the normalization mean too", b)
     tok = copy.deepcopy(tokenizer)
+    if rule.close == "end_of_turn":
+        # Frameworks score apply_chat_template(conversation + answer) at its last non-pad token: the saved
+        # template ends such a conversation at the answer's end-of-turn token, which rmserve reads.
+        closing = closing_template(tok)
+        if closing is not None:
+            tok.chat_template = closing
     pad = choose_pad(tok, rule)
     if pad is not None and rule.close == "end_of_turn":
         tok.pad_token = tok.convert_ids_to_tokens(pad)

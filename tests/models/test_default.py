@@ -7,6 +7,7 @@ module-scoped build. Skipped, with the reason, only when the package registry ca
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,9 @@ def test_better_answer_scores_higher(
     assert good > bad, (good, bad)
 
 
-def test_assembled_model_carries_card_and_normalization(default_model: tuple[Path, RewardModel, Any]) -> None:
+def test_assembled_model_carries_card_and_normalization(
+    default_model: tuple[Path, RewardModel, Any], tmp_path: Path
+) -> None:
     out, model, _ = default_model
     norm = model.config.normalization
     assert norm and norm["std"] > 0
@@ -82,22 +85,40 @@ def test_assembled_model_carries_card_and_normalization(default_model: tuple[Pat
     marker = (out / "rmserve-default.json").stat().st_mtime_ns
     assert build_default(out=out) == out
     assert (out / "rmserve-default.json").stat().st_mtime_ns == marker
+    # An assembly of an older layout (before the saved template ended at the read token) is rebuilt.
+    from models.default import _built
+
+    record = json.loads((out / "rmserve-default.json").read_text())
+    assert _built(out, record["manifest_sha256"])
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    (old / "rmserve-default.json").write_text(json.dumps({k: v for k, v in record.items() if k != "layout"}))
+    assert not _built(old, record["manifest_sha256"])
 
 
-def test_default_model_loads_in_transformers(default_model: tuple[Path, RewardModel, Any]) -> None:
-    """The assembled default model is a transformers checkpoint: AutoModelForSequenceClassification
-    reloads it unchanged and, on rmserve's ids, gives the rewards rmserve computes (1e-4)."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
+def test_default_model_scores_in_transformers_as_served(
+    default_model: tuple[Path, RewardModel, Any], tmp_path: Path
+) -> None:
+    """The assembled default model and its `rmserve export --format hf` copy, loaded by transformers as a
+    user loads them and fed `apply_chat_template` of the whole conversation (alone, with
+    add_generation_prompt=False, padded on either side), give what /v1/score serves, within 1e-4 (fp32)."""
+    from fastapi.testclient import TestClient
 
-    out, model, tok = default_model
-    f = model.formatter(tok)
-    seqs = [f.encode(p, r).ids for p, better, worse in CASES[:3] for r in (better, worse)]
-    ours = score_sequences(model, seqs, tok.pad_token_id)
-    ref = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
-    with torch.no_grad():
-        theirs = [float(ref(input_ids=torch.tensor([s])).logits[0, 0]) for s in seqs]
-    assert ours == pytest.approx(theirs, abs=1e-4)
+    from service.app import create_app
+    from service.cli import main as cli
+    from service.settings import Settings
+    from tests.models.test_checkpoints import served
+    from tests.models.test_template_parity import transformers_rewards
+
+    out, _, _ = default_model
+    exported = tmp_path / "default-hf"
+    assert cli(["export", "--model", str(out), "--format", "hf", "--out", str(exported)]) == 0
+    pairs: list[tuple[Any, str]] = [(p, r) for p, better, worse in CASES[:3] for r in (better, worse)]
+    for d in (out, exported):
+        with TestClient(create_app(Settings(model=str(d), dtype="float32"))) as c:
+            ours = served(c, pairs)
+        for how, theirs in transformers_rewards(d, pairs).items():
+            assert ours == pytest.approx(theirs, abs=1e-4), (d.name, how)
 
 
 def test_default_dtype_is_batch_invariant(default_model: tuple[Path, RewardModel, Any]) -> None:

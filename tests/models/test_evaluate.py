@@ -46,3 +46,30 @@ def test_eval_json_is_alone_on_stdout(tmp_path: Path, rm_dir: Path, capsys: pyte
     assert cli(["eval", "--model", str(rm_dir), "--data", str(data), "--no-progress"]) == 0
     table = capsys.readouterr().out
     assert "syn.jsonl" in table and "accuracy" in table and not table.lstrip().startswith("{")
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["no-native-bf16", "native-bf16"])
+def test_eval_dtype_auto_is_what_serve_picks_here(
+    tmp_path: Path, rm_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    """`rmserve eval --dtype auto` scores in the dtype `rmserve serve` picks for the model on this CPU: canonical
+    bf16 where bf16 is native and it measured faster and batch-invariant, else float32 (both CPU kinds
+    tested on any machine: the kind and the measurement are patched)."""
+    import shutil
+
+    import service.runtimes as runtimes
+
+    d = tmp_path / "m"
+    shutil.copytree(rm_dir, d)
+    (d / runtimes.AUTO_CACHE).unlink(missing_ok=True)  # a pick cached in the shared fixture by another test
+    monkeypatch.setattr(runtimes, "native_bf16", lambda: native)
+    monkeypatch.setattr(
+        runtimes, "measure_candidate", lambda _s, _d, _r, dtype, *a: (0.5 if dtype == "bfloat16" else 1.0, 0.0)
+    )
+    data = synthetic(tmp_path / "syn.jsonl", 6)
+    capsys.readouterr()
+    assert cli(["eval", "--model", str(d), "--data", str(data), "--no-progress", "--json"]) == 0
+    mode = json.loads(capsys.readouterr().out)["mode"]
+    assert mode == ("torch-canonical-bfloat16" if native else "torch-canonical-float32")
+    assert cli(["eval", "--model", str(d), "--data", str(data), "--no-progress", "--json", "--dtype", "float32"]) == 0
+    assert json.loads(capsys.readouterr().out)["mode"] == "torch-canonical-float32"  # asked: kept

@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,37 @@ def test_early_stopping_state_survives_a_kill_and_resume(tmp_path: Path, llama_d
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (full, part))
     assert a["training"]["early_stopping"] == b["training"]["early_stopping"]
     assert a["dev"]["accuracy"] == b["dev"]["accuracy"]
+
+
+def test_dev_max_takes_examples_in_turn_from_each_subset() -> None:
+    from models.train.run import spread_take
+
+    def ex(subset: str, i: int) -> RankedExample:
+        return RankedExample([{"role": "user", "content": f"q{i}"}], ["a", "b"], [0, 1], subset=subset)
+
+    exs = [ex("a", i) for i in range(6)] + [ex("b", i) for i in range(6, 8)] + [ex("c", i) for i in range(8, 12)]
+    got = spread_take(exs, 7)
+    assert [e.subset for e in got] == ["a", "a", "a", "b", "b", "c", "c"]  # order as read; 3 + 2 (all of b) + 2
+    assert [e.prompt[0]["content"] for e in got] == ["q0", "q1", "q2", "q6", "q7", "q8", "q9"]  # each subset's first
+    assert spread_take(exs, 100) == exs and spread_take(exs, 0) == []
+
+
+def test_time_limit_ends_the_loop_then_evaluates_and_saves(tmp_path: Path, llama_dir: Path) -> None:
+    """--time-limit 0.001 s: the loop stops after its first step, the model is evaluated and written as at
+    the end (the card records where it stopped); with early stopping the last weights compete too."""
+    data = synthetic(tmp_path / "syn.jsonl", 60)
+    args = ["--method", "top-n", "--top-n", "1", "--max-steps", "20", "--time-limit", "0.001"]
+    out = _train(llama_dir, data, tmp_path / "rm", *args, "--eval-every", "5", "--early-stopping-patience", "3")
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["training"]["steps"] == 1 and m["training"]["time_limited"] == {
+        "seconds": 0.001,
+        "step": 1,
+        "of_steps": 20,
+    }
+    assert [h["step"] for h in m["history"] if "dev" in h] == [1]  # the stopped weights were evaluated
+    assert m["training"]["early_stopping"]["best_step"] == 1 and m["dev"]["accuracy"] is not None
+    assert RewardModel.load(out)[0].config.training["time_limited"]["step"] == 1
+    with pytest.raises(ValueError, match=re.escape("--time-limit is -1.0; it must be >= 0")):
+        p = argparse.ArgumentParser()
+        add_train_args(p)
+        config_from_args(p.parse_args(["--backbone", "b", "--data", "d", "--out", "o", "--time-limit", "-1"]))

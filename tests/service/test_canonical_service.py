@@ -78,6 +78,7 @@ def test_auto_picks_the_fastest_mode_measured_invariant(
     monkeypatch.setattr(runtimes, "native_bf16", lambda: native)
     d = tmp_path / "m"
     shutil.copytree(rm_dir, d)
+    (d / AUTO_CACHE).unlink(missing_ok=True)  # a pick cached in the shared fixture by another test
     (d / ONNX_FP32).write_bytes(b"not measured for real here")
     # seconds, alone-vs-batch difference per candidate; bf16 fastest but (here) not invariant
     measured = {"torch:float32": (1.0, 0.0), "torch:bfloat16": (0.3, 1e-3), "onnx:float32": (0.5, 3e-6)}
