@@ -20,7 +20,44 @@ def _last_json(path: Path) -> dict[str, Any]:
 
 
 def _pct(x: float | None) -> str:
+    """A figure to 4 places, or n/a."""
     return "n/a" if x is None else f"{x:.4f}"
+
+
+def _yes(ok: bool) -> str:
+    return "met" if ok else "not met"
+
+
+def _recipe_row(d: Path) -> dict[str, Any]:
+    """One recipe's figures from its run directory's metrics.json (the run's own dev evaluation)."""
+    m = json.loads((d / "metrics.json").read_text())
+    t, r, dev = m["training"], m["training"]["recipe"], m["dev"]
+    method = (
+        r["method"]
+        + (f" {r['top_n']}" if r["method"] == "top-n" else "")
+        + (f" r{r['lora_rank']}" if r["method"] == "lora" else "")
+        + f", lr {r['lr']} (head {r['head_lr']}), {r['epochs']} ep"
+        + (f", label smoothing {r['label_smoothing']}" if r.get("label_smoothing") else "")
+        + (", balanced subsets" if r.get("balance_subsets") else "")
+    )
+    stop = t.get("early_stopping") or {}
+    limited = t.get("time_limited")
+    steps = f"{stop['best_step']} of {t['steps']}" if stop else str(t["steps"])
+    if limited:
+        steps += f" (time limit {limited['seconds']:.0f} s)"
+    return {
+        "run": d.name,
+        "method": method,
+        "train_pairs": t["train_pairs"],
+        "dev_pairs": dev["pairs"],
+        "dev_accuracy": dev["accuracy"],
+        "subsets": {k: v["accuracy"] for k, v in dev["subsets"].items()},
+        "shorter_better": dev.get("accuracy_when_better_is_shorter"),
+        "steps": steps,
+        "seconds": t["seconds"],
+        "tokens_per_s": t["tokens_per_s"],
+        "trainable_parameters": t["trainable_parameters"],
+    }
 
 
 def main() -> None:
@@ -28,7 +65,12 @@ def main() -> None:
     ap.add_argument("--run", required=True, type=Path, help="the training run's output directory")
     ap.add_argument("--eval", required=True, type=Path, help="stdout of `rmserve eval --dev-only --json` (assembled)")
     ap.add_argument("--plots", required=True, type=Path, help="folder written by `rmserve eval --plots`")
-    ap.add_argument("--compare", nargs="*", type=Path, default=[], help="method-comparison run directories")
+    ap.add_argument("--compare", nargs="*", type=Path, default=[], help="slice-comparison run directories")
+    ap.add_argument(
+        "--full-runs", nargs="*", type=Path, default=[], help="full-data run directories (the shipped one too)"
+    )
+    ap.add_argument("--slice-note", default="", help="one sentence: how the slice comparison was set up")
+    ap.add_argument("--baseline", type=Path, default=None, help="metrics.json of the model this one replaces")
     ap.add_argument("--command", required=True, help="the exact training command")
     ap.add_argument("--eval-command", required=True, help="the exact evaluation command")
     ap.add_argument("--out", required=True, type=Path)
@@ -48,32 +90,15 @@ def main() -> None:
     manifest = json.loads((out / "trained.json").read_text())
     shipped_bytes = sum((out / s["file"]).stat().st_size for s in manifest["shards"])
 
-    comparison = []
-    for d in a.compare:
-        m = json.loads((d / "metrics.json").read_text())
-        t, r = m["training"], m["training"]["recipe"]
-        comparison.append(
-            {
-                "run": d.name,
-                "method": r["method"]
-                + (f" {r['top_n']}" if r["method"] == "top-n" else "")
-                + (f" r{r['lora_rank']}" if r["method"] == "lora" else ""),
-                "train_pairs": t["train_pairs"],
-                "dev_pairs": m["dev"]["pairs"],
-                "dev_accuracy": m["dev"]["accuracy"],
-                "subsets": {k: v["accuracy"] for k, v in m["dev"]["subsets"].items()},
-                "seconds": t["seconds"],
-                "tokens_per_s": t["tokens_per_s"],
-                "trainable_parameters": t["trainable_parameters"],
-                "lr": r["lr"],
-                "epochs": r["epochs"],
-            }
-        )
+    comparison = [_recipe_row(d) for d in a.compare]
+    full_runs = [_recipe_row(d) for d in a.full_runs]
+    baseline = json.loads(a.baseline.read_text())["dev"] if a.baseline else None
     metrics = {
         "dev": ev,  # `rmserve eval --dev-only --json` on the assembled model: the card's figures
         "training": tr,
         "training_dev_during_run": run["dev"],
         "comparison": comparison,
+        "full_data_runs": full_runs,
         "history": run["history"],
         "shipped": {"bytes": shipped_bytes, "parameters": manifest["parameters"], "dtype": manifest["dtype"]},
     }
@@ -95,14 +120,29 @@ def main() -> None:
         + (f", top {rec['top_n']} of 30 layers + final norm + head trained" if rec["method"] == "top-n" else "")
         + (f", LoRA rank {rec['lora_rank']}" if rec["method"] == "lora" else "")
         + f"; {tr['trainable_parameters']:,} trainable parameters",
-        f"- Loss {rec['loss']}; lr {rec['lr']} (head {rec['head_lr']}), warmup {rec['warmup']} then cosine; "
-        f"{rec['epochs']} epochs; {tr['steps']} steps of <= {rec['batch_tokens']} padded tokens",
+        f"- Loss {rec['loss']}"
+        + (f" with label smoothing {rec['label_smoothing']}" if rec.get("label_smoothing") else "")
+        + f"; lr {rec['lr']} (head {rec['head_lr']}), weight decay {rec.get('weight_decay', 0)}, warmup "
+        f"{rec['warmup']} then cosine; up to {rec['epochs']} epochs of <= {rec['batch_tokens']} padded tokens a step"
+        + (", subsets balanced" if rec.get("balance_subsets") else ""),
+        (
+            f"- Early stopping on dev (every {rec['eval_every']} steps, patience {rec['early_stopping_patience']}): "
+            f"ran {tr['steps']} steps, shipped the weights of step {tr['early_stopping']['best_step']}"
+            if tr.get("early_stopping")
+            else f"- {tr['steps']} optimizer steps"
+        ),
         f"- Max length {rec['max_length']} tokens (the oldest prompt turns are cut first); dtype {rec['dtype']}",
-        f"- Data: {tr['train_prompts']} training prompts ({tr['train_pairs']} pairs; a seeded sample of "
-        f"{rec['train_max']} of the training split), dev: {tr['dev_prompts']} prompts "
-        f"(hash split by prompt, fraction {rec['dev_fraction']}, seed {rec['seed']})",
-        f"- Cost: {tr['seconds']:.0f} s on 2 CPU cores (no GPU), frozen-layer cache included; the training "
-        f"loop on cached states ran {tr['tokens_per_s']:.0f} tokens/s",
+        f"- Data: {tr['train_prompts']} training prompts ({tr['train_pairs']} pairs"
+        + (
+            f"; a seeded sample of {rec['train_max']} of the training split"
+            if rec.get("train_max")
+            else "; all of the training split"
+        )
+        + f"), dev: {tr['dev_prompts']} prompts (hash split by prompt, fraction {rec['dev_fraction']}, "
+        f"seed {rec['seed']})",
+        f"- Cost: {tr['seconds']:.0f} s on 2 CPU cores (no GPU)"
+        + (", frozen-layer cache included" if rec["method"] == "top-n" and rec.get("cache_frozen") != "off" else "")
+        + f"; the training loop ran {tr['tokens_per_s']:.0f} tokens/s",
         f"- Shipped: {shipped_bytes / 1e6:.1f} MB ({manifest['dtype']} safetensors, "
         f"{len(manifest['shards'])} shard(s), sha256 in trained.json)",
         f"- Reward normalization (`normalize: true`): mean {norm['mean']:.4f}, std {norm['std']:.4f} over "
@@ -141,36 +181,43 @@ def main() -> None:
             f"over {allm['ranked_lists']} lists."
         )
     acc, short = allm["accuracy"], allm["accuracy_when_better_is_shorter"]
-    if acc is not None and acc < 0.60:
-        lines += [
-            f"- **Status: below this project's 0.60 target ({acc:.4f}).** Dev accuracy stayed near 0.53 through the "
-            "run while training accuracy rose (see the curves): this recipe overfits a few thousand pairs.",
-        ]
-    if short is not None and short < 0.5:
-        lines.append(
-            f"- It leans on length: {short:.4f} on pairs whose better answer is the shorter one, so much of what it "
-            "gets right it gets by preferring the longer answer."
-        )
+    hh = {k: v for k, v in allm["subsets"].items() if k != "oasst"}
+    worst = min(hh.items(), key=lambda kv: kv[1]["accuracy"] or 0.0)
     lines += [
-        "- For scale: OpenAssistant's DeBERTa-v3-large reward model (435M parameters, full HH train set) "
-        "reports 0.6925 on Anthropic HH; a 'longer answer wins' rule gets about 0.54.",
-        "",
+        f"- Evaluated in `{ev.get('mode', 'n/a')}`: the mode `rmserve serve` picks for this model on the CPU the",
+        "  evaluation ran on (`rmserve eval --dtype auto`), so these are the accuracies of the rewards served there.",
+        f"- Targets (issue 29): all >= 0.60: **{_yes(acc is not None and acc >= 0.60)}** ({_pct(acc)}); no HH subset "
+        f"below 0.52: **{_yes((worst[1]['accuracy'] or 0) >= 0.52)}** "
+        f"(lowest {worst[0]} {_pct(worst[1]['accuracy'])}); shorter-better >= 0.45: "
+        f"**{_yes(short is not None and short >= 0.45)}** ({_pct(short)}).",
     ]
-    if comparison:
+    if baseline is not None:
+        b = baseline["all"]
+        lines.append(
+            f"- The model it replaces, same command: all {_pct(b['accuracy'])}, "
+            + ", ".join(f"{k} {_pct(v['accuracy'])}" for k, v in b["subsets"].items())
+            + f", shorter-better {_pct(b['accuracy_when_better_is_shorter'])}."
+        )
+    lines.append("")
+    for title, rows, note in (
+        ("Recipe comparison on a slice", comparison, a.slice_note),
+        ("Full-data runs", full_runs, "All training prompts, the whole dev split (the run's own evaluation)."),
+    ):
+        if not rows:
+            continue
+        subsets = sorted({k for r in rows for k in r["subsets"]})
+        lines += [f"## {title}", "", note, ""] if note else [f"## {title}", ""]
         lines += [
-            "## Method comparison",
-            "",
-            "Same seeded training sample, same dev prompts, 2 CPU cores (no GPU was available, so full",
-            "fine-tuning was not run):",
-            "",
-            "| run | method | train pairs | dev pairs | dev accuracy | trainable params | seconds | tokens/s |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| run | method | train pairs | dev pairs | dev | "
+            + " | ".join(subsets)
+            + " | shorter-better | steps | seconds | tokens/s |",
+            "| --- " * (10 + len(subsets)) + "|",
         ]
-        for c in comparison:
+        for r in rows:
             lines.append(
-                f"| {c['run']} | {c['method']} (lr {c['lr']}, {c['epochs']} ep) | {c['train_pairs']} | "
-                f"{c['dev_pairs']} | {_pct(c['dev_accuracy'])} | {c['trainable_parameters']:,} | "
-                f"{c['seconds']:.0f} | {c['tokens_per_s']:.0f} |"
+                f"| {r['run']} | {r['method']} | {r['train_pairs']} | {r['dev_pairs']} | {_pct(r['dev_accuracy'])} | "
+                + " | ".join(_pct(r["subsets"].get(k)) for k in subsets)
+                + f" | {_pct(r['shorter_better'])} | {r['steps']} | {r['seconds']:.0f} | {r['tokens_per_s']:.0f} |"
             )
         lines.append("")
     lines += [
