@@ -215,24 +215,36 @@ class RewardRule:
     `config.pad_token_id` (transformers/modeling_layers.py `GenericForSequenceClassification`): trailing
     ids equal to `skip_id` are dropped from the sequence's end, so the last id is the one transformers
     reads (the model is causal: the hidden state there does not change). None: the last token is read.
+
+    `whole_text`: the rendered text is tokenized as one string, as `apply_chat_template` and the frameworks
+    do (see `Formatter._assemble`); False only for rmserve directories written before that (their models
+    were trained on the template pieces and contents tokenized apart, which they keep).
     """
 
     name: str = "rmserve"
     close: Close = "end_of_turn"
     skip_id: int | None = None
+    whole_text: bool = True
 
     def __post_init__(self) -> None:
         if self.close not in ("end_of_turn", "template", "eos"):
             raise ValueError(f"rule.close must be 'end_of_turn', 'template' or 'eos', got {self.close!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "close": self.close, "skip_id": self.skip_id}
+        return {"name": self.name, "close": self.close, "skip_id": self.skip_id, "whole_text": self.whole_text}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> RewardRule:
+        """The rule a model directory recorded. A record without `whole_text` was written before ids were
+        the whole text's (issue 30): its model was trained on the pieces tokenized apart, so it keeps them."""
         d = d or {}
         skip = d.get("skip_id")
-        return cls(str(d.get("name", "rmserve")), d.get("close", "end_of_turn"), None if skip is None else int(skip))
+        return cls(
+            str(d.get("name", "rmserve")),
+            d.get("close", "end_of_turn"),
+            None if skip is None else int(skip),
+            bool(d.get("whole_text", False)),
+        )
 
 
 RMSERVE_RULE = RewardRule()
@@ -284,12 +296,13 @@ class Formatter:
         self.rule = rule or RMSERVE_RULE
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
         template = getattr(tokenizer, "chat_template", None)
+        self._original_template = unwrap_template(template) if isinstance(template, str) else None
         has_tool = isinstance(template, str) and ("'tool'" in template or '"tool"' in template)
         self.roles: tuple[str, ...] = (*ROLES, "tool") if has_tool else ROLES  # a tool turn only where rendered
         self.eot_token: str | None = tokenizer.eos_token
         self.eot_id: int | None = tokenizer.eos_token_id
         self._encode_template, self._encode_content = _encoders(tokenizer)
-        self._encode_whole, self._control_ids = _whole_encoder(tokenizer)
+        self._encode_whole, self._control = _whole_encoder(tokenizer)
         self._piece_cache: dict[str, list[int]] = {}
         self._pads = [t for t in dict.fromkeys([tokenizer.pad_token, tokenizer.eos_token]) if t]
         self.markers = self._learn_markers() if self.has_template else None
@@ -304,9 +317,13 @@ class Formatter:
             log.warning("could not learn the chat template's role markers: templated text is scored as plain text")
 
     # -- template rendering -----------------------------------------------------------------------
-    def _render(self, messages: Sequence[Message], generation_prompt: bool = False) -> str:
+    def _render(self, messages: Sequence[Message], generation_prompt: bool = False, original: bool = False) -> str:
+        """The chat template's text for `messages`; `original`: with the template rmserve's save wrapped
+        (`closing_template`) unwrapped, as the checkpoint's family writes every turn (the role markers are
+        learned from it: the wrapper changes only how an answered conversation ends)."""
+        kw = {"chat_template": self._original_template} if original and self._original_template else {}
         text = self.tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=generation_prompt
+            list(messages), tokenize=False, add_generation_prompt=generation_prompt, **kw
         )
         if not isinstance(text, str):
             raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected text")
@@ -376,11 +393,12 @@ class Formatter:
                         {"role": "assistant", "content": s(1)},
                         {"role": "user", "content": s(2)},
                         {"role": "assistant", "content": s(3)},
-                    ]
+                    ],
+                    original=True,
                 )
             )
             one = [{"role": "user", "content": s(0)}]
-            gen, nogen = self._render(one, True), self._render(one, False)
+            gen, nogen = self._render(one, True, original=True), self._render(one, False, original=True)
         except Exception as e:
             log.debug("probe conversation failed: %s", e)
             return None
@@ -396,7 +414,7 @@ class Formatter:
         open_s = close_s = None
         try:
             sys_parts = _SENTINEL_RE.split(
-                self._render([{"role": "system", "content": s(0)}, {"role": "user", "content": s(1)}])
+                self._render([{"role": "system", "content": s(0)}, {"role": "user", "content": s(1)}], original=True)
             )
             if sys_parts[1::2] == ["0", "1"] and sys_parts[2].endswith(open_u) and sys_parts[0].strip():
                 open_s, close_s = sys_parts[0].strip(), sys_parts[2][: -len(open_u)].strip()
@@ -481,6 +499,10 @@ class Formatter:
         total = self._length(layout, ids)
         if total <= self.max_length:
             return self._assemble(layout, ids, {}, n, False, contents)
+        if self.rule.whole_text and total - self.max_length <= len(layout):
+            whole = self._whole_text_ids(layout, contents, n)  # None when it does not fit either
+            if whole is not None:  # the pieces apart pass max_length by a boundary token or two; the text fits
+                return Encoded(whole[0], whole[1], False)
         if truncation == "error":
             partial = any(len(c) > self.max_length * _WINDOW_CHARS_PER_TOKEN for c in contents)
             raise TooLongError(
@@ -549,7 +571,7 @@ class Formatter:
         in two; a space before a word joins it), and then only the whole-text ids are the framework's.
         Those ids are used unless a content would produce a control token there (a special-token
         string typed into text, which stays text: the piecewise ids), or they would pass `max_length`."""
-        if contents is not None and not keep:
+        if contents is not None and not keep and self.rule.whole_text:
             whole = self._whole_text_ids(layout, contents, n)
             if whole is not None:
                 return Encoded(whole[0], whole[1], truncated)
@@ -585,15 +607,17 @@ class Formatter:
                     answer_at = pos
             parts.append(text)
             pos += len(text)
-        ids, offsets = self._encode_whole("".join(parts))
+        text = "".join(parts)
+        ids, offsets = self._encode_whole(text)
         inside = iter(sorted(spans))
         span = next(inside, None)
         prompt_len = 0
         for tid, (start, end) in zip(ids, offsets, strict=True):
             while span is not None and span[1] <= start:
                 span = next(inside, None)
-            if tid in self._control_ids and span is not None and start < span[1] and end > span[0]:
-                return None  # a control token made from content: content is text, use the piecewise ids
+            literal = self._control.get(tid)
+            if literal and span is not None and start < span[1] and end > span[0] and literal in text[start:end]:
+                return None  # a control token typed into content: content is text, use the piecewise ids
             if end <= answer_at:
                 prompt_len += 1
         head, tail = self._around
@@ -758,6 +782,17 @@ class Formatter:
 CLOSING_MARK = "{#- rmserve: a conversation that ends with an assistant turn ends at its end-of-turn token -#}"
 
 
+_WRAP_OPEN = "{% set _rmserve_rendered %}"
+_WRAP_CLOSE = "{% endset %}"
+
+
+def unwrap_template(template: str) -> str | None:
+    """The original template inside one that `closing_template` wrapped; None for any other template."""
+    if not template.startswith(CLOSING_MARK + _WRAP_OPEN) or _WRAP_CLOSE not in template:
+        return None
+    return template[len(CLOSING_MARK + _WRAP_OPEN) : template.rindex(_WRAP_CLOSE)]
+
+
 def closing_template(tokenizer: Any) -> str | None:
     """The tokenizer's chat template, wrapped so that a conversation ending with an assistant turn (no
     generation prompt) renders up to and including the end-of-turn token that closes the answer and
@@ -798,9 +833,9 @@ def closing_template(tokenizer: Any) -> str | None:
     lit = json.dumps  # a Jinja string literal (JSON's escapes are Jinja's)
     wrapped = (
         CLOSING_MARK
-        + "{% set _rmserve_rendered %}"
+        + _WRAP_OPEN
         + template
-        + "{% endset %}"
+        + _WRAP_CLOSE
         + "{%- if messages and messages[-1]['role'] == 'assistant' and not add_generation_prompt and "
         + f"_rmserve_rendered.endswith({lit(tail)}) -%}}"
         + f"{{{{ _rmserve_rendered[:(_rmserve_rendered|length) - {len(tail)}] ~ {lit(cut)} }}}}"
@@ -858,24 +893,29 @@ def _rstrip_any(text: str, tokens: Sequence[str], whitespace: bool = True) -> st
             return text
 
 
-def _whole_encoder(tokenizer: Any) -> tuple[Callable[[str], tuple[list[int], list[tuple[int, int]]]] | None, set[int]]:
-    """(text -> (ids, character offsets) with control tokens matched, as apply_chat_template tokenizes;
-    the ids of the tokenizer's added and special tokens). (None, set()) for a slow tokenizer (no offsets):
-    its ids are always built piecewise."""
+def _whole_encoder(
+    tokenizer: Any,
+) -> tuple[Callable[[str], tuple[list[int], list[tuple[int, int]]]] | None, dict[int, str]]:
+    """(text -> (ids, character offsets) with added tokens matched, as apply_chat_template tokenizes;
+    {id: string} of the tokenizer's added and special tokens, whose strings typed into content stay text).
+    (None, {}) for a slow tokenizer (no offsets): its ids are always built piecewise. An id such as <unk>
+    that the model gives to ordinary characters is not a typed control token: only its literal string is."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        return None, set()
+        return None, {}
     from tokenizers import Tokenizer
 
     whole = Tokenizer.from_str(backend.to_str())
     whole.no_truncation()
     whole.no_padding()
-    control = {int(i) for i in backend.get_added_tokens_decoder()}
-    control |= {int(i) for i in getattr(tokenizer, "all_special_ids", []) or [] if i is not None}
+    control = {int(i): str(getattr(t, "content", t)) for i, t in backend.get_added_tokens_decoder().items()}
+    for i in getattr(tokenizer, "all_special_ids", []) or []:
+        if i is not None and int(i) not in control:
+            control[int(i)] = str(tokenizer.convert_ids_to_tokens(int(i)))
 
     def encode(text: str) -> tuple[list[int], list[tuple[int, int]]]:
         enc = whole.encode(text, add_special_tokens=False)
-        return list(enc.ids), [tuple(o) for o in enc.offsets]  # type: ignore[misc]
+        return list(enc.ids), [(int(a), int(b)) for a, b in enc.offsets]
 
     return encode, control
 

@@ -24,7 +24,7 @@ from models.checkpoints.metadata import (
     read_config,
     read_json_object,
 )
-from models.formatting import Formatter, RewardRule, Truncation
+from models.formatting import RMSERVE_RULE, Formatter, RewardRule, Truncation
 from models.head import ScoreHead
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,7 @@ class RewardModel(nn.Module):
             max_length=max_length,
             truncation=truncation,
             backbone_info=info.to_dict() if info else {},
+            rule=RMSERVE_RULE.to_dict(),  # recorded: a fresh model's ids are the whole text's (RewardRule.whole_text)
         )
         if seed is not None:
             torch.manual_seed(seed)

@@ -230,6 +230,11 @@ def make_template_variant(name: str) -> Any:
     if name == "gemma_turns":
         specials = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
         return make_bpe(specials, "<bos>", "<eos>", "<pad>", GEMMA_TEMPLATE)
+    if name == "chatml_base":  # a base model's ChatML: turns closed by <|im_end|>, eos <|endoftext|> never written
+        tok = make_bpe(
+            ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|endoftext|>", "<|endoftext|>", CHATML_TEMPLATE
+        )
+        return tok
     if name == "chatml_bytelevel":
         return make_bpe(
             ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", "<|im_end|>", CHATML_TEMPLATE

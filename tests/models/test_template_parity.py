@@ -136,6 +136,87 @@ def test_rmserve_model_scores_in_transformers_as_served(tmp_path: Path, serve: A
     check_parity(serve(d), d, f"rmserve {family} {variant}")
 
 
+@pytest.mark.parametrize("variant", sorted({v for _f, v in CASES} | {"chatml_base"}))
+def test_saved_model_scores_templated_text_as_its_messages(tmp_path: Path, serve: Any, variant: str) -> None:
+    """The saved (wrapped) template must not change what templated text means: OpenRLHF's /get_reward text
+    (with and without `prompts`) and a templated prompt string score as the messages do, also for templates
+    whose eos never appears in the template (Gemma turns; base-model ChatML whose eos is <|endoftext|>),
+    where the saved template appends eos after the answer's turn."""
+    from transformers import AutoTokenizer
+
+    d = tiny_rmserve_model(tmp_path, "llama", variant)
+    c = serve(d)
+    tok = AutoTokenizer.from_pretrained(d)  # the saved tokenizer, as a user of the directory has it
+    # Role markers are learned from the saved template as from the original (a template without a generation
+    # prompt, such as [INST] turns, has none either way: its templated text is plain text, as before).
+    learned = Formatter(make_template_variant(variant)).markers
+    assert Formatter(tok).markers == learned
+    if learned is None:
+        return
+    for p, a in PARITY_PAIRS:
+        want = served(c, [(p, a)])[0]
+        gen = tok.apply_chat_template(messages(p), tokenize=False, add_generation_prompt=True)
+        for body in ({"query": [gen + a + tok.eos_token]}, {"query": [gen + a + tok.eos_token], "prompts": [gen]}):
+            r = c.post("/get_reward", json=body)
+            assert r.status_code == 200, r.text
+            assert r.json()["rewards"][0] == pytest.approx(want, abs=1e-5), (variant, body)
+        r = c.post("/v1/score", json={"prompt": gen, "responses": [a]})  # a templated prompt string is parsed
+        assert r.json()["scores"][0] == pytest.approx(want, abs=1e-5), variant
+
+
+def test_directory_saved_before_keeps_its_ids(tmp_path: Path, serve: Any) -> None:
+    """An rmserve directory written before ids were the whole text's (its rule has no `whole_text`) was
+    trained on the pieces tokenized apart: it keeps serving those ids (its scores do not move); one saved
+    now records whole_text and serves the whole text's ids (transformers' reward)."""
+    import json
+
+    d = tiny_rmserve_model(tmp_path / "new", "llama", "llama3_pad_eos")
+    cfg = json.loads((d / "rmserve.json").read_text())
+    assert cfg["rule"]["whole_text"] is True
+    old = tmp_path / "old"
+    import shutil
+
+    shutil.copytree(d, old)
+    cfg["rule"] = {k: v for k, v in cfg["rule"].items() if k != "whole_text"}
+    (old / "rmserve.json").write_text(json.dumps(cfg))
+    model, tok = RewardModel.load(old)
+    piecewise = model.formatter(tok)
+    assert piecewise.rule.whole_text is False
+    whole = RewardModel.load(d)[0].formatter(tok)
+    assert any(piecewise.encode(p, a).ids != whole.encode(p, a).ids for p, a in PARITY_PAIRS)  # the case differs
+    from models.evaluate import score_sequences
+
+    expect = score_sequences(model, [piecewise.encode(p, a).ids for p, a in PARITY_PAIRS], tok.pad_token_id)
+    assert served(serve(old), PARITY_PAIRS) == pytest.approx(expect, abs=1e-5)
+
+
+def test_unknown_characters_do_not_count_as_typed_control_tokens() -> None:
+    """An <unk> the tokenizer gives to ordinary characters is not a special-token string typed into text:
+    the ids stay the whole text's (only the literal "<unk>" typed into content is text)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.tiny import CHATML_TEMPLATE
+
+    vocab = {"<unk>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+    for ch in "abcdefghijklmnopqrstuvwxyz .,?!<>\n":
+        vocab[ch] = len(vocab)
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=raw, unk_token="<unk>", eos_token="<|im_end|>", pad_token="<|im_end|>"
+    )
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    tok.chat_template = CHATML_TEMPLATE
+    f = Formatter(tok, max_length=512)
+    conv = conversation("hi", "caf\u00e9 ok")  # the accented letter is <unk> in this vocabulary
+    theirs = list(tok.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"])
+    ours = f.encode("hi", "caf\u00e9 ok").ids
+    assert tok.unk_token_id in ours and ours == theirs[: len(ours)] and theirs[len(ours) :] == tok.encode("\n")
+    typed = f.encode("hi", "say <unk> now").ids  # typed: text, not the <unk> id (the system turn's "Y" is one)
+    assert typed.count(tok.unk_token_id) == f.encode("hi", "say now").ids.count(tok.unk_token_id) == 1
+
+
 @pytest.mark.parametrize(("family", "variant"), CASES)
 def test_transformers_checkpoint_served_as_transformers_scores_it(
     tmp_path: Path, serve: Any, family: str, variant: str
@@ -215,3 +296,22 @@ def test_ids_are_the_whole_text_tokenization(variant: str) -> None:
 def test_zz_print_measured() -> None:
     for k, v in sorted(MEASURED.items()):
         print(f"{k}: {v:.2e}")
+
+
+def test_text_that_fits_whole_is_not_truncated() -> None:
+    """max_length is the framework text's length: where the pieces tokenized apart pass it by a boundary token
+    but the whole text fits, nothing is cut and truncation="error" does not refuse."""
+    from models.formatting import RewardRule
+
+    tok = make_template_variant("mistral_inst")  # " " + word joins into one token in the whole text
+    rule = RewardRule("hf", "template", tok.pad_token_id)
+    for p, a in PARITY_PAIRS:
+        whole = Formatter(tok, max_length=512, rule=rule).encode(p, a).ids
+        pieces = Formatter(tok, max_length=512, rule=RewardRule("hf", "template", tok.pad_token_id, whole_text=False))
+        if len(pieces.encode(p, a).ids) > len(whole):
+            break
+    else:
+        raise AssertionError("no pair whose pieces tokenize longer than its whole text")
+    fit = Formatter(tok, max_length=len(whole), rule=rule)
+    enc = fit.encode(p, a, truncation="error")
+    assert enc.ids == whole and not enc.truncated
