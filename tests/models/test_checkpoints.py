@@ -12,7 +12,6 @@ left padding). rmserve's numbers come from /v1/score through the service (TestCl
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 from models.reward_model import ModelDirError, RewardModel
-from service.app import create_app
-from service.settings import Settings
 from tests.models.test_formatting import make_llama3_tokenizer
 from tests.tiny import make_seq_cls, make_variant
 
@@ -88,21 +85,6 @@ def padded(seqs: list[list[int]], pad: int, side: str) -> tuple[torch.Tensor, to
         sl = slice(0, len(s)) if side == "right" else slice(t - len(s), t)
         ids[i, sl], mask[i, sl] = torch.tensor(s), 1
     return ids, mask
-
-
-@pytest.fixture(scope="module")
-def serve() -> Iterator[Any]:
-    clients: list[TestClient] = []
-
-    def make(model_dir: Path, **kw: Any) -> TestClient:
-        c = TestClient(create_app(Settings(model=str(model_dir), dtype="float32", **kw)))
-        c.__enter__()
-        clients.append(c)
-        return c
-
-    yield make
-    for c in clients:
-        c.__exit__(None, None, None)
 
 
 def served(client: TestClient, pairs: list[tuple[Any, str]], normalize: bool = False) -> list[float]:

@@ -17,13 +17,8 @@ from models.formatting import (
     parse_hh_transcript,
     split_hh_pair,
 )
-from tests.tiny import CORPUS, make_tokenizer, make_variant
+from tests.tiny import CORPUS, LLAMA3_TEMPLATE, make_tokenizer, make_variant
 
-LLAMA3_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
 

@@ -13,7 +13,6 @@ the template never writes, a tokenizer that splits a blank line before a word.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,6 @@ from fastapi.testclient import TestClient
 
 from models.formatting import Formatter
 from models.reward_model import RewardModel
-from service.app import create_app
-from service.settings import Settings
 from tests.models.test_checkpoints import PAIRS, messages, served
 from tests.tiny import make_decoder, make_seq_cls, make_template_variant, save_lm
 
@@ -56,21 +53,6 @@ CASES = [
     ("gpt2", "chatml"),
 ]
 MEASURED: dict[str, float] = {}
-
-
-@pytest.fixture(scope="module")
-def serve() -> Iterator[Any]:
-    clients: list[TestClient] = []
-
-    def make(model_dir: Path) -> TestClient:
-        c = TestClient(create_app(Settings(model=str(model_dir), dtype="float32")))
-        c.__enter__()
-        clients.append(c)
-        return c
-
-    yield make
-    for c in clients:
-        c.__exit__(None, None, None)
 
 
 def conversation(prompt: Any, answer: str) -> list[dict[str, str]]:
