@@ -13,6 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from models.formatting import RMSERVE_RULE
+
 
 def _last_json(path: Path) -> dict[str, Any]:
     lines = [x for x in path.read_text().splitlines() if x.startswith("{")]
@@ -70,7 +72,20 @@ def main() -> None:
         "--full-runs", nargs="*", type=Path, default=[], help="full-data run directories (the shipped one too)"
     )
     ap.add_argument("--slice-note", default="", help="one sentence: how the slice comparison was set up")
-    ap.add_argument("--baseline", type=Path, default=None, help="metrics.json of the model this one replaces")
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="the model this one replaces: its `rmserve eval --dev-only --json` output (same command and mode, "
+        "preferred) or its metrics.json",
+    )
+    ap.add_argument("--full-note", default="", help="sentences after the full-data table (runs cut short, etc.)")
+    ap.add_argument(
+        "--whole-text",
+        action="store_true",
+        help="record today's reading rule (whole-text ids) for a run saved before the rule had `whole_text`; "
+        "only where its ids were checked identical to the piecewise ones on the training data",
+    )
     ap.add_argument("--command", required=True, help="the exact training command")
     ap.add_argument("--eval-command", required=True, help="the exact evaluation command")
     ap.add_argument("--out", required=True, type=Path)
@@ -92,7 +107,18 @@ def main() -> None:
 
     comparison = [_recipe_row(d) for d in a.compare]
     full_runs = [_recipe_row(d) for d in a.full_runs]
-    baseline = json.loads(a.baseline.read_text())["dev"] if a.baseline else None
+    baseline = None
+    if a.baseline:
+        try:
+            b = json.loads(a.baseline.read_text())
+        except json.JSONDecodeError:
+            b = _last_json(a.baseline)
+        baseline = b.get("dev", b)
+    if a.whole_text:
+        cfg_path = out / "rmserve.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["rule"] = RMSERVE_RULE.to_dict()
+        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
     metrics = {
         "dev": ev,  # `rmserve eval --dev-only --json` on the assembled model: the card's figures
         "training": tr,
@@ -194,14 +220,20 @@ def main() -> None:
     if baseline is not None:
         b = baseline["all"]
         lines.append(
-            f"- The model it replaces, same command: all {_pct(b['accuracy'])}, "
+            "- The model it replaces"
+            + (f", same command and mode ({baseline['mode']})" if baseline.get("mode") else "")
+            + f": all {_pct(b['accuracy'])}, "
             + ", ".join(f"{k} {_pct(v['accuracy'])}" for k, v in b["subsets"].items())
             + f", shorter-better {_pct(b['accuracy_when_better_is_shorter'])}."
         )
     lines.append("")
     for title, rows, note in (
         ("Recipe comparison on a slice", comparison, a.slice_note),
-        ("Full-data runs", full_runs, "All training prompts, the whole dev split (the run's own evaluation)."),
+        (
+            "Full-data runs",
+            full_runs,
+            "All training prompts, the whole dev split (the run's own evaluation). " + a.full_note,
+        ),
     ):
         if not rows:
             continue
@@ -211,7 +243,7 @@ def main() -> None:
             "| run | method | train pairs | dev pairs | dev | "
             + " | ".join(subsets)
             + " | shorter-better | steps | seconds | tokens/s |",
-            "| --- " * (10 + len(subsets)) + "|",
+            "| --- " * (9 + len(subsets)) + "|",
         ]
         for r in rows:
             lines.append(
