@@ -226,6 +226,15 @@ def main() -> None:
             + ", ".join(f"{k} {_pct(v['accuracy'])}" for k, v in b["subsets"].items())
             + f", shorter-better {_pct(b['accuracy_when_better_is_shorter'])}."
         )
+        pairs = {k: (v["accuracy"], b["subsets"][k]["accuracy"], v["pairs"]) for k, v in allm["subsets"].items()}
+        pairs["all"] = (allm["accuracy"], b["accuracy"], allm["pairs"])
+        pairs["shorter-better"] = (short, b["accuracy_when_better_is_shorter"], allm["pairs_better_is_shorter"])
+        behind = [
+            f"{k} ({'equal' if n == o else f'lower by {round((o - n) * p)} of {p} pairs'})"
+            for k, (n, o, p) in pairs.items()
+            if n <= o
+        ]
+        lines.append("- Against it: higher " + ("everywhere." if not behind else "except " + "; ".join(behind) + "."))
     lines.append("")
     for title, rows, note in (
         ("Recipe comparison on a slice", comparison, a.slice_note),
