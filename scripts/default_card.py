@@ -224,7 +224,8 @@ def main() -> None:
             + (f", same command and mode ({baseline['mode']})" if baseline.get("mode") else "")
             + f": all {_pct(b['accuracy'])}, "
             + ", ".join(f"{k} {_pct(v['accuracy'])}" for k, v in b["subsets"].items())
-            + f", shorter-better {_pct(b['accuracy_when_better_is_shorter'])}."
+            + f", shorter-better {_pct(b['accuracy_when_better_is_shorter'])}"
+            + (f", Kendall tau {b['kendall_tau']:.4f}." if b.get("kendall_tau") is not None else ".")
         )
         pairs = {k: (v["accuracy"], b["subsets"][k]["accuracy"], v["pairs"]) for k, v in allm["subsets"].items()}
         pairs["all"] = (allm["accuracy"], b["accuracy"], allm["pairs"])
@@ -234,14 +235,21 @@ def main() -> None:
             for k, (n, o, p) in pairs.items()
             if n <= o
         ]
-        lines.append("- Against it: higher " + ("everywhere." if not behind else "except " + "; ".join(behind) + "."))
+        lines.append(
+            "- Against it: higher "
+            + ("everywhere." if not behind else "except " + "; ".join(behind) + ".")
+            + f" Fallback target (issue 29: beat it on dev and on every subset): **{_yes(not behind)}**."
+        )
     lines.append("")
     for title, rows, note in (
         ("Recipe comparison on a slice", comparison, a.slice_note),
         (
             "Full-data runs",
             full_runs,
-            "All training prompts, the whole dev split (the run's own evaluation). " + a.full_note,
+            "All training prompts, the whole dev split. These are each run's own dev evaluation, through the "
+            "training forward (frozen-layer cache, autocast) and as the trainer counts pairs, which is also what "
+            "`/v1/models` reports under `training`; the dev table above is the assembled model in the served mode. "
+            + a.full_note,
         ),
     ):
         if not rows:
