@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 import gc
 import socket
 import threading
@@ -14,28 +15,15 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
+from tests.clients import started_clients
 
 
 @pytest.fixture()
 def make_client(rm_dir: Path) -> Iterator[Callable[..., TestClient]]:
-    """Build a TestClient (lifespan entered) over the tiny model with setting overrides.
-
-    The dtype is float32 unless a test asks for another: these tests compare scores with float32
-    references, and RMSERVE_DTYPE in the environment must not change that (the default dtype has its
-    own tests)."""
-    clients: list[TestClient] = []
-
-    def make(runtime_wrapper: Any = None, **overrides: Any) -> TestClient:
-        overrides.setdefault("dtype", "float32")
-        app = create_app(Settings(model=str(rm_dir), **overrides), runtime_wrapper=runtime_wrapper)
-        c = TestClient(app)
-        c.__enter__()
-        clients.append(c)
-        return c
-
-    yield make
-    for c in clients:
-        c.__exit__(None, None, None)
+    """Build a TestClient (lifespan entered) over the tiny model with setting overrides (float32 unless
+    asked: see `tests.clients.started_clients`)."""
+    with started_clients() as start:
+        yield functools.partial(start, rm_dir)
 
 
 @pytest.fixture()
