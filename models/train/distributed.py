@@ -142,7 +142,23 @@ class Distributed:
                 tdist.destroy_process_group()
         return self.is_main
 
+    def leave(self) -> None:
+        """Every rank, done with collectives: wait for the others, then leave the group.
+
+        Why the barrier: gloo's worker threads release a finished collective's tensors a moment after
+        the caller's `wait()` returns. A rank that leaves and exits at once can reach interpreter
+        shutdown inside that moment; the worker then needs the GIL of a finalizing interpreter and the
+        process aborts (SIGABRT, "terminate called without an active exception", in
+        `ProcessGroupGloo::AsyncWork::~AsyncWork`; seen in a core dump of `--halt-after` under load, see
+        pytorch/pytorch#179291). FSDP2 keeps the group's threads alive past `destroy_process_group`, so
+        leaving is not enough; a barrier first makes every earlier collective finish on every rank, which
+        closes that window in practice (no test can prove it shut)."""
+        if self.collective and tdist.is_initialized():
+            tdist.barrier()
+            tdist.destroy_process_group()
+
     def close(self) -> None:
+        """Leave the group without waiting (after an error, when a peer may never reach a barrier)."""
         if self.collective and tdist.is_initialized():
             tdist.destroy_process_group()
 

@@ -266,6 +266,7 @@ def _train(cfg: TrainConfig, dist: Distributed) -> Path:
     result = loop.run(out)
     seconds = round(time.time() - t_start, 1)
     if result.halted:
+        dist.leave()
         return out
     memory = loop.memory_all_ranks()
     trainable_parameters = sum(p.numel() for p in loop.trainable)
