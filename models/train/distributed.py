@@ -137,9 +137,10 @@ class Distributed:
     def end_training(self) -> bool:
         """Wait for every rank; True on the rank that goes on to evaluate and save (the others leave)."""
         if self.collective:
-            tdist.barrier()
             if not self.is_main:
-                tdist.destroy_process_group()
+                self.leave()
+                return False
+            tdist.barrier()  # meets the others' barrier in `leave`
         return self.is_main
 
     def leave(self) -> None:
