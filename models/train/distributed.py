@@ -130,6 +130,12 @@ class Distributed:
         tdist.all_reduce(t)
         return t.tolist()
 
+    def any_rank(self, flag: bool) -> bool:
+        """True when `flag` is true on at least one rank (a collective: every rank must call it at the
+        same point); `flag` itself with one process. For decisions that must be the same on every rank
+        but rest on local state, such as a wall clock."""
+        return self.all_sum([float(flag)])[0] > 0
+
     def barrier(self) -> None:
         if self.collective:
             tdist.barrier()

@@ -161,7 +161,10 @@ class Loop:
             self._after_step(rec, out)
             if self.stop:
                 break
-            if cfg.time_limit and time.time() - t_loop >= cfg.time_limit and self.step < self.total_steps:
+            # every rank reads its own clock; they stop together if any is past the limit (one rank
+            # leaving the loop alone would meet the others' next step with a different collective)
+            over = bool(cfg.time_limit) and time.time() - t_loop >= cfg.time_limit
+            if cfg.time_limit and self.step < self.total_steps and self.dist.any_rank(over):
                 log.info(
                     "time limit: %.0f s of training reached at step %d of %d",
                     cfg.time_limit,

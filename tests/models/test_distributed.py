@@ -53,13 +53,14 @@ def train_args(llama_dir: Path, data: Path, out: Path, *extra: str) -> list[str]
     ]
 
 
-def torchrun(args: list[str], nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    """`torchrun --standalone --nproc-per-node N -m service.cli ARGS` in a subprocess (gloo on CPU)."""
+def torchrun(
+    args: list[str], nproc: int = 2, timeout: float = 240, entry: tuple[str, ...] = ("-m", "service.cli")
+) -> subprocess.CompletedProcess[str]:
+    """`torchrun --standalone --nproc-per-node N -m service.cli ARGS` (or another `entry`) in a subprocess
+    (gloo on CPU); asserts it exits 0."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    proc = subprocess.run(
-        [*cmd, "-m", "service.cli", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
-    )
+    proc = subprocess.run([*cmd, *entry, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -154,6 +155,40 @@ def test_fsdp_halt_and_resume_is_exact(runs: dict[str, Path], llama_dir: Path, d
     assert any((ck / "sharded").glob("*.distcp"))
     torchrun([*args, "--resume"])
     assert losses(out) == losses(runs["fsdp"])
+
+
+# rank 1's training-loop clock jumps a day ahead after the loop starts; rank 0's is the real one
+FAST_CLOCK_ON_RANK_1 = """
+import os, sys, time, types
+import models.train.loop as loop
+if os.environ["RANK"] == "1":
+    calls = [0]
+    def fast() -> float:
+        calls[0] += 1
+        return time.time() + (86400.0 if calls[0] > 1 else 0.0)
+    loop.time = types.SimpleNamespace(time=fast)
+from service.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_time_limit_is_one_decision_for_every_rank(tmp_path: Path, llama_dir: Path, data: Path, sharding: str) -> None:
+    """--time-limit under torchrun when the ranks' clocks disagree (rank 1 past the limit after step 1,
+    rank 0 an hour short of it): every rank stops after step 1 and the model is written. A rank deciding
+    alone left the loop while the other ran the next step's collectives: gloo aborted ("collective
+    mismatch") or the run hung."""
+    script = tmp_path / "fast_clock.py"
+    script.write_text(FAST_CLOCK_ON_RANK_1)
+    out = tmp_path / "rm"
+    torchrun(
+        train_args(llama_dir, data, out, "--sharding", sharding, "--time-limit", "3600"),
+        timeout=120,
+        entry=(str(script),),
+    )
+    tr = training(out)
+    assert tr["time_limited"] == {"seconds": 3600.0, "step": 1, "of_steps": 10}
+    assert len(losses(out)) == 1
 
 
 def test_refusals_name_what_does_not_combine(tmp_path: Path, llama_dir: Path, data: Path) -> None:
